@@ -1,0 +1,234 @@
+"""Hyperparameters: one flat dataclass, named presets, and the env/flag resolution.
+
+Field names are the challenge's env-var names in lower case, so `NUM_LAYERS=11 pgolf train` works
+as it does with the reference script. Precedence, lowest first: field default, preset, env vars
+(`NAME` or `PGOLF_NAME`), `--name=value` flags. Unknown `PGOLF_*` env vars and unknown flags are
+errors. Only the entry point reads this; components take explicit arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+
+ENV_PREFIX = "PGOLF_"
+# Env vars with the project prefix that are not hyperparameters.
+RESERVED_ENV = {"PGOLF_PRESET"}
+DEFAULT_PRESET = "baseline"  # the packed train_gpt.py points this at its own preset
+
+
+@dataclass
+class Hyperparameters:
+    # data and run
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # dir with fineweb_{train,val}_*.bin
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""  # empty: a fresh id per run
+    out_dir: str = "runs"  # each run writes out_dir/run_id/
+    seed: int = 1337
+    # validation and logging
+    val_batch_size: int = 524_288  # global tokens per standard-eval batch
+    val_loss_every: int = 1000  # 0: only the final validation
+    val_max_tokens: int = 0  # 0: the whole val split; >0 truncates (smoke runs only)
+    train_log_every: int = 200
+    # schedule
+    iterations: int = 20_000
+    warmdown_iters: int = 1200
+    warmup_steps: int = 20  # untimed compile warmup steps, state restored afterwards
+    train_batch_tokens: int = 524_288  # global tokens per optimizer step
+    train_seq_len: int = 1024
+    max_wallclock_seconds: float = 600.0  # 0 disables the cap
+    # model
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2.0  # hidden = round(mlp_mult * model_dim)
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    smear_gate: bool = False  # blend each embedding with the previous token's (never across BOS)
+    # optimizer
+    embed_lr: float = 0.6  # untied input embedding
+    head_lr: float = 0.008  # untied output head
+    tied_embed_lr: float = 0.05
+    matrix_lr: float = 0.04  # Muon
+    scalar_lr: float = 0.04  # Adam on vectors and control tensors
+    smear_lr: float = 0.04  # Adam on the SmearGate parameters
+    muon_momentum: float = 0.95
+    muon_backend_steps: int = 5
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_variant: str = "muon"  # muon | normuon
+    normuon_beta2: float = 0.95
+    normuon_rescale: str = "frobenius"  # frobenius (reference code) | paper (0.2*sqrt(mn)/||O||_F)
+    muon_weight_decay: float = 0.0  # decoupled: p *= 1 - lr_t * wd
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.0  # 0 disables
+    # averaging
+    swa_every: int = 0  # 0 disables SWA
+    swa_start_frac: float = 0.0  # start this far into the warmdown (0 = its first step)
+    swa_start_lr: float = 0.0  # >0: start once the LR multiplier falls below this instead
+    # quantization and export
+    quant_format: str = "int8_zlib"  # int8_zlib (baseline) | int6_zstd (mixed int6/fp16, zstd-22)
+    qat: bool = False  # STE fake-int6 on the matrices exported as int6
+    qat_start_frac: float = 0.0  # fraction of training before QAT switches on
+    fp16_passthrough_patterns: str = "tok_emb"  # int6_zstd: name patterns stored fp16
+    control_tensor_name_patterns: str = (
+        "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights,smear"
+    )
+    # evaluation
+    eval_stride: int = 0  # 0: no sliding-window eval; else score every target with stride S
+    eval_seq_len: int = 0  # 0: train_seq_len
+    eval_batch_seqs: int = 32  # windows per forward in sliding eval (per rank)
+    # execution
+    compile: str = "auto"  # auto (on for CUDA) | 1 | 0
+    autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    progress: str = "auto"  # auto (when stdout is a terminal) | 1 | 0
+
+
+def _preset(**kw) -> dict:
+    return kw
+
+
+# Presets are plain override dicts; every value is a documented field.
+PRESETS: dict[str, dict] = {
+    # The challenge baseline (train_gpt.py defaults), exactly.
+    "baseline": _preset(),
+    # Tiny CPU run on the offline synthetic corpus (`pgolf data synth`): about a minute on 2 cores.
+    "smoke": _preset(
+        data_path="", tokenizer_path="", vocab_size=512, num_layers=2, model_dim=64, num_heads=4,
+        num_kv_heads=2, train_seq_len=128, train_batch_tokens=8192, iterations=150, warmdown_iters=50,
+        warmup_steps=0, val_loss_every=50, train_log_every=25, val_batch_size=16384,
+        max_wallclock_seconds=0.0, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05,
+    ),
+    # Record PR #137: int6 STE QAT + MLP 3x + NorMuon + Muon WD + SWA + sliding eval.
+    "seed137": _preset(
+        mlp_mult=3.0, train_seq_len=2048, train_batch_tokens=786_432, muon_variant="normuon",
+        muon_momentum=0.99, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
+        matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03, muon_weight_decay=0.01, grad_clip_norm=0.3,
+        warmdown_iters=3000, logit_softcap=15.0, swa_every=200, swa_start_frac=0.0, quant_format="int6_zstd",
+        qat=True, eval_stride=64, eval_batch_seqs=32, val_loss_every=0,
+    ),
+    # Record PR #170: int6 STE QAT + SmearGate + Muon WD, int6-in-int8 + zstd-22, sliding eval.
+    "seed170": _preset(
+        mlp_mult=3.0, smear_gate=True, smear_lr=0.02, muon_weight_decay=0.01, quant_format="int6_zstd",
+        qat=True, matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.99,
+        muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, warmdown_iters=3000,
+        eval_stride=64, eval_batch_seqs=32, val_loss_every=0,
+    ),
+}
+PRESETS["seed170-11l"] = {**PRESETS["seed170"], "num_layers": 11, "muon_weight_decay": 0.038}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(name: str, raw: str, typ: str):
+    try:
+        if typ == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if typ == "int":
+            return int(float(raw)) if "e" in raw.lower() else int(raw.replace("_", ""))
+        if typ == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {typ}") from None
+
+
+FIELD_TYPES = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(Hyperparameters)}
+
+
+def resolve(preset: str | None = None, env: dict | None = None, flags: dict | None = None) -> Hyperparameters:
+    """Default < preset < env (NAME or PGOLF_NAME) < flags. Unknown keys raise ConfigError naming them."""
+    env = dict(os.environ if env is None else env)
+    preset = preset or env.get("PGOLF_PRESET") or env.get("PRESET") or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    for key, raw in env.items():
+        if key.startswith(ENV_PREFIX) and key not in RESERVED_ENV:
+            name = key[len(ENV_PREFIX):].lower()
+            if name not in FIELD_TYPES:
+                raise ConfigError(f"unknown setting in env var {key}; valid names: {', '.join(FIELD_TYPES)}")
+            values[name] = _coerce(key, raw, FIELD_TYPES[name])
+    for name, typ in FIELD_TYPES.items():
+        if name.upper() in env:  # the challenge's unprefixed names
+            values[name] = _coerce(name.upper(), env[name.upper()], typ)
+    for key, raw in (flags or {}).items():
+        name = key.replace("-", "_").lower()
+        if name not in FIELD_TYPES:
+            raise ConfigError(f"unknown setting --{key}; valid names: {', '.join(FIELD_TYPES)}")
+        values[name] = raw if not isinstance(raw, str) else _coerce(f"--{key}", raw, FIELD_TYPES[name])
+    cfg = Hyperparameters(**values)
+    validate(cfg)
+    return cfg
+
+
+def parse_flags(argv: list[str]) -> tuple[str | None, dict]:
+    """Split `--preset P` / `--key=value` / `--key value` into (preset, flags)."""
+    preset, flags, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; settings are --key=value")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            val, i = argv[i + 1], i + 1
+        if key == "preset":
+            preset = val
+        else:
+            flags[key] = val
+        i += 1
+    return preset, flags
+
+
+def validate(cfg: Hyperparameters) -> None:
+    choices = {"muon_variant": ("muon", "normuon"), "normuon_rescale": ("frobenius", "paper"),
+               "quant_format": ("int8_zlib", "int6_zstd"), "compile": ("auto", "0", "1"),
+               "autocast": ("auto", "bf16", "off"), "progress": ("auto", "0", "1")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name.upper()}={getattr(cfg, name)!r}; allowed: {', '.join(allowed)}")
+    if cfg.model_dim % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+        raise ConfigError(f"MODEL_DIM={cfg.model_dim} must divide by NUM_HEADS={cfg.num_heads}, "
+                          f"which must divide by NUM_KV_HEADS={cfg.num_kv_heads}")
+    if (cfg.model_dim // cfg.num_heads) % 2:
+        raise ConfigError(f"head dim {cfg.model_dim // cfg.num_heads} must be even for RoPE")
+    if cfg.train_batch_tokens % (8 * cfg.train_seq_len):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must be a multiple of "
+                          f"8 * TRAIN_SEQ_LEN={8 * cfg.train_seq_len} (8 micro-batches per step)")
+    if cfg.eval_stride < 0 or cfg.eval_stride > (cfg.eval_seq_len or cfg.train_seq_len):
+        raise ConfigError(f"EVAL_STRIDE={cfg.eval_stride} must be in [0, eval seq len]")
+    if cfg.qat and cfg.quant_format != "int6_zstd":
+        raise ConfigError("QAT=1 fakes the int6 export; set QUANT_FORMAT=int6_zstd")
+    if not 0.0 <= cfg.qat_start_frac < 1.0 or not 0.0 <= cfg.swa_start_frac < 1.0:
+        raise ConfigError("QAT_START_FRAC and SWA_START_FRAC must be in [0, 1)")
+
+
+def to_dict(cfg: Hyperparameters) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# Per-run settings that never become a packed file's defaults.
+RUN_SPECIFIC = ("run_id", "out_dir")
+
+
+def preset_diff(cfg: Hyperparameters) -> dict:
+    """Fields that differ from the field defaults, less per-run settings (a packed file's defaults)."""
+    base = Hyperparameters()
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)
+            if getattr(cfg, f.name) != getattr(base, f.name) and f.name not in RUN_SPECIFIC}

@@ -1,0 +1,131 @@
+"""Muon (with the NorMuon variant and decoupled weight decay) for block matrices, Adam for the rest.
+
+Muon: Nesterov momentum, then Newton-Schulz orthogonalisation (5 steps, coefficients
+(3.4445, -4.7750, 2.0315)), scaled by sqrt(max(1, rows/cols)). Across ranks each matrix is
+orthogonalised by one rank (index % world_size) and the results are shared with one all-reduce.
+NorMuon (arXiv 2510.05491) adds, after Newton-Schulz, a per-row (per output neuron) EMA v of the
+mean squared update and divides each row by sqrt(v) + eps, then rescales:
+- "frobenius" (default, as the NorMuon reference code): back to the pre-normalisation Frobenius
+  norm, then the usual sqrt(max(1, rows/cols)) factor;
+- "paper": to 0.2 * sqrt(rows * cols) / ||O||_F, i.e. an update of RMS 0.2 (no aspect factor).
+Weight decay is decoupled: p <- p * (1 - lr_t * wd) with the scheduled lr.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    """Approximately orthogonalise g (push its singular values towards 1)."""
+    a, b, c = NS_COEFFS
+    x = g.to(dtype)
+    x = x / (x.norm() + 1e-7)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if transposed else x
+
+
+def normuon_normalize(u: torch.Tensor, row_sq: torch.Tensor, beta2: float, rescale: str,
+                      eps: float = 1e-10) -> torch.Tensor:
+    """Per-row second-moment normalisation of an orthogonalised update (updates row_sq in place)."""
+    u = u.float()
+    row_sq.mul_(beta2).add_(u.square().mean(dim=1), alpha=1.0 - beta2)
+    out = u / (row_sq.sqrt() + eps)[:, None]
+    if rescale == "frobenius":
+        return out * (u.norm() / out.norm().clamp_min(eps))
+    return out * (0.2 * math.sqrt(u.numel()) / out.norm().clamp_min(eps))
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, *, weight_decay: float = 0.0,
+                 variant: str = "muon", beta2: float = 0.95, rescale: str = "frobenius",
+                 rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.bfloat16):
+        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.variant, self.beta2, self.rescale = variant, beta2, rescale
+        self.rank, self.world_size, self.ns_dtype = rank, world_size, ns_dtype
+
+    def _update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        state = self.state[p]
+        g = p.grad
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(g)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(g)
+        g = g.add(buf, alpha=group["momentum"])  # Nesterov
+        u = zeropower_newton_schulz(g, group["backend_steps"], self.ns_dtype)
+        if self.variant == "normuon":
+            if "row_sq" not in state:
+                state["row_sq"] = torch.zeros(p.size(0), device=p.device, dtype=torch.float32)
+            u = normuon_normalize(u, state["row_sq"], self.beta2, self.rescale)
+            if self.rescale == "paper":
+                return u
+        return u * max(1.0, p.size(0) / p.size(1)) ** 0.5
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            total = sum(p.numel() for p in params)
+            flat = torch.zeros(total, device=params[0].device, dtype=self.ns_dtype)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank:
+                    flat[offset:offset + p.numel()] = self._update(p, group).flatten()
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset, lr, wd = 0, group["lr"], group["weight_decay"]
+            for p in params:
+                u = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(u, alpha=-lr)
+                offset += p.numel()
+
+
+def split_params(model, control_patterns: list[str]) -> dict[str, list]:
+    """Route parameters: block matrices -> Muon; embedding, head, smear, scalars/control -> Adam."""
+    groups = {"matrix": [], "scalar": [], "embed": [], "head": [], "smear": []}
+    for name, p in model.named_parameters():
+        if name.startswith("tok_emb."):
+            groups["embed"].append(p)
+        elif name.startswith("lm_head."):
+            groups["head"].append(p)
+        elif name.startswith("smear."):
+            groups["smear"].append(p)
+        elif name.startswith("blocks.") and p.ndim == 2 and not any(c in name for c in control_patterns):
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return groups
+
+
+def build_optimizers(model, *, control_patterns: list[str], matrix_lr: float, scalar_lr: float, embed_lr: float,
+                     head_lr: float, smear_lr: float, betas: tuple[float, float], adam_eps: float,
+                     muon_momentum: float, muon_backend_steps: int, muon_weight_decay: float, muon_variant: str,
+                     normuon_beta2: float, normuon_rescale: str, rank: int, world_size: int) -> list:
+    """[Adam, Muon]; every group remembers its base lr in 'base_lr' for the schedule."""
+    groups = split_params(model, control_patterns)
+    lrs = {"embed": embed_lr, "head": head_lr, "scalar": scalar_lr, "smear": smear_lr}
+    adam_groups = [dict(params=groups[k], lr=lr, base_lr=lr) for k, lr in lrs.items() if groups[k]]
+    device = next(model.parameters()).device
+    adam = torch.optim.Adam(adam_groups, betas=betas, eps=adam_eps, fused=device.type == "cuda")
+    muon = Muon(groups["matrix"], lr=matrix_lr, momentum=muon_momentum, backend_steps=muon_backend_steps,
+                weight_decay=muon_weight_decay, variant=muon_variant, beta2=normuon_beta2, rescale=normuon_rescale,
+                rank=rank, world_size=world_size,
+                ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for g in muon.param_groups:
+        g["base_lr"] = matrix_lr
+    return [adam, muon]

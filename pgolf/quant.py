@@ -1,0 +1,114 @@
+"""Per-row quantization, shared by QAT and export, and the two export formats.
+
+`quantize_rows` is the single quantizer: STE fake-quant in training (`fake_quantize`) and the
+int6 export both call it, so a QAT weight survives the export bit for bit.
+- int8_zlib: the challenge baseline. 2-D float tensors over 65,536 entries become int8 per row
+  (clip at the 99.99984th percentile of |w|, scale = max(clip/127, 1/127)); small tensors stay
+  float (control tensors fp32, others fp16).
+- int6_zstd: attention and MLP matrices int6 per row (levels -31..31, scale = row abs-max / 31,
+  stored in int8 with fp16 scales); fp16 passthrough for the tied embedding and any listed
+  pattern; control tensors fp32; other small tensors fp16; other large 2-D tensors int8.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+INT6_MAX = 31
+INT8_MAX = 127
+INT6_SCALE_FLOOR = 2.0**-20  # a small floor: only all-zero rows hit it (fp16-representable)
+INT8_CLIP_QUANTILE = 0.9999984
+SMALL_TENSOR_NUMEL = 65_536
+INT6_MATRIX = re.compile(r"^blocks\.\d+\.(attn|mlp)\.[a-z_]+\.weight$")
+
+
+def quantize_rows(w: torch.Tensor, max_level: int, clip_quantile: float | None = None,
+                  scale_floor: float = INT6_SCALE_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization -> (int8 levels in [-max_level, max_level], fp16 row scales)."""
+    w = w.detach().float()
+    if clip_quantile is None:
+        clip = w.abs().amax(dim=1)
+    else:
+        clip = torch.quantile(w.abs(), clip_quantile, dim=1)
+        w = torch.maximum(torch.minimum(w, clip[:, None]), -clip[:, None])
+    # Round the scale to fp16 *before* using it, so dequantizing the stored (q, scale) is exact.
+    scale = (clip / max_level).clamp_min(scale_floor).to(torch.float16)
+    q = torch.clamp(torch.round(w / scale.float()[:, None]), -max_level, max_level).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def fake_quantize(w: torch.Tensor) -> torch.Tensor:
+    """The int6 export's round trip of w, in fp32 (what QAT trains against)."""
+    return dequantize_rows(*quantize_rows(w, INT6_MAX))
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(p and p in name for p in patterns)
+
+
+def split_patterns(csv: str) -> list[str]:
+    return [p.strip() for p in csv.split(",") if p.strip()]
+
+
+def export_kind(name: str, t: torch.Tensor, fmt: str, control: list[str], fp16_keep: list[str]) -> str:
+    """How a state-dict entry is stored: raw | fp32 | fp16 | int6 | int8 | int8_tensor."""
+    if not t.is_floating_point():
+        return "raw"
+    if _matches(name, control):
+        return "fp32"
+    if fmt == "int6_zstd":
+        if _matches(name, fp16_keep) or t.numel() <= SMALL_TENSOR_NUMEL:
+            return "fp16"
+        if t.ndim == 2 and INT6_MATRIX.match(name):
+            return "int6"
+    elif t.numel() <= SMALL_TENSOR_NUMEL:
+        return "fp16"
+    return "int8" if t.ndim == 2 else "int8_tensor"
+
+
+def quantize_state(state: dict[str, torch.Tensor], fmt: str, control: list[str],
+                   fp16_keep: list[str]) -> dict[str, dict]:
+    """state dict -> {name: {"kind", tensors..., "dtype"}} ready for torch.save."""
+    out = {}
+    for name, t in state.items():
+        kind = export_kind(name, t, fmt, control, fp16_keep)
+        entry = {"kind": kind, "dtype": str(t.dtype).removeprefix("torch.")}
+        if kind == "raw":
+            entry["data"] = t.detach().cpu().clone()
+        elif kind in ("fp32", "fp16"):
+            entry["data"] = t.detach().cpu().to(torch.float32 if kind == "fp32" else torch.float16).clone()
+        elif kind == "int6":
+            entry["q"], entry["scale"] = quantize_rows(t.cpu(), INT6_MAX)
+        elif kind == "int8":
+            entry["q"], entry["scale"] = quantize_rows(t.cpu(), INT8_MAX, INT8_CLIP_QUANTILE, 1.0 / INT8_MAX)
+        else:  # int8_tensor: one fp32 scale for a non-matrix tensor
+            flat = t.detach().float().cpu().reshape(1, -1)
+            q, scale = quantize_rows(flat, INT8_MAX, INT8_CLIP_QUANTILE, 1.0 / INT8_MAX)
+            entry.update(q=q.view(t.shape), scale=scale.float(), shape=list(t.shape))
+        out[name] = entry
+    return out
+
+
+def dequantize_state(packed: dict[str, dict]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, e in packed.items():
+        dtype = getattr(torch, e["dtype"])
+        if e["kind"] in ("raw", "fp32", "fp16"):
+            out[name] = e["data"].to(dtype)
+        elif e["kind"] in ("int6", "int8"):
+            out[name] = dequantize_rows(e["q"], e["scale"]).to(dtype)
+        elif e["kind"] == "int8_tensor":
+            out[name] = (e["q"].reshape(1, -1).float() * e["scale"].float()).view(e["shape"]).to(dtype)
+        else:
+            raise ValueError(f"unknown tensor kind {e['kind']!r} for {name}; the artifact is from a newer pgolf")
+    return out
+
+
+def int6_weight_names(state: dict[str, torch.Tensor], control: list[str], fp16_keep: list[str]) -> set[str]:
+    """The exact set of tensors the int6 export quantizes (QAT must fake exactly these)."""
+    return {n for n, t in state.items() if export_kind(n, t, "int6_zstd", control, fp16_keep) == "int6"}

@@ -1,0 +1,45 @@
+"""SentencePiece with the challenge's settings: training a BPE tokenizer and encoding documents.
+
+Settings (data/download_hf_docs_and_tokenize.py in the challenge repo): BPE, byte fallback, split
+digits, nmt_nfkc normalisation, no dummy prefix, pad 0 / bos 1 / eos 2 / unk 3, character
+coverage 0.999. Each document is encoded as [BOS] + tokens, with no EOS.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+BOS_TOKEN = 1
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str | Path, threads: int = 2) -> Path:
+    """Train a BPE model from document texts; writes model_path (and its .vocab) atomically."""
+    import sentencepiece as spm
+
+    model_path = Path(model_path)
+    if model_path.suffix != ".model":
+        raise ValueError(f"{model_path}: a SentencePiece model path must end in .model")
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=model_path.parent) as tmp:
+        prefix = os.path.join(tmp, "sp")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(t.replace("\x00", " ").strip() for t in texts), model_prefix=prefix,
+            model_type="bpe", vocab_size=vocab_size, character_coverage=0.999, byte_fallback=True,
+            split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False, num_threads=threads,
+            minloglevel=2,
+        )
+        shutil.move(prefix + ".vocab", model_path.with_suffix(".vocab"))
+        shutil.move(prefix + ".model", model_path)
+    return model_path
+
+
+def encode_document(sp, text: str) -> np.ndarray:
+    """[BOS] + ids as uint16 (no EOS)."""
+    ids = sp.encode(text)
+    return np.asarray([BOS_TOKEN, *ids], dtype=np.uint16)

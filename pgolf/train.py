@@ -1,0 +1,401 @@
+"""One training run, start to finish: setup, (compile warmup), the timed loop, averaging, export,
+round trip from disk, final scores. `main()` is the only reader of the hyperparameters.
+
+Launch: `python -m pgolf.train`, or `torchrun --standalone --nproc_per_node=8 -m pgolf.train`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgolf.artifact import ARTIFACT_NAMES, budget_line, code_bytes, load_artifact, serialize, write_atomic
+from pgolf.averaging import SWA
+from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve, to_dict
+from pgolf.data import DistributedTokenLoader, load_byte_sidecar, load_tokens, train_pattern, val_pattern
+from pgolf.dist import Dist, setup_dist, teardown_dist
+from pgolf.eval import byte_tables, evaluate, load_sentencepiece
+from pgolf.model import GPT, GPTConfig, mark_qat, set_qat_gate
+from pgolf.optim import build_optimizers
+from pgolf.quant import int6_weight_names, split_patterns
+from pgolf.schedule import lr_multiplier, muon_momentum, progress, swa_due
+
+
+class RunLog:
+    """Rank-0 text log (challenge line formats) plus a JSON-lines metrics file."""
+
+    def __init__(self, run_dir: Path | None):
+        self.text = open(run_dir / "train.log", "a") if run_dir else None
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if run_dir else None
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if self.text:
+            if console:
+                print(msg, flush=True)
+            self.text.write(msg + "\n")
+            self.text.flush()
+
+    def metric(self, event: str, **fields) -> None:
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"event": event, **fields}) + "\n")
+            self.jsonl.flush()
+
+
+def model_config(cfg: Hyperparameters) -> GPTConfig:
+    return GPTConfig(vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, model_dim=cfg.model_dim,
+                     num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, mlp_mult=cfg.mlp_mult,
+                     tie_embeddings=cfg.tie_embeddings, rope_base=cfg.rope_base, logit_softcap=cfg.logit_softcap,
+                     qk_gain_init=cfg.qk_gain_init, tied_embed_init_std=cfg.tied_embed_init_std,
+                     smear_gate=cfg.smear_gate)
+
+
+def environment_lines() -> list[str]:
+    lines = [f"python:{platform.python_version()} torch:{torch.__version__} platform:{platform.platform()}"]
+    if torch.cuda.is_available():
+        lines.append(f"cuda:{torch.version.cuda} device:{torch.cuda.get_device_name()}")
+        try:
+            lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return lines
+
+
+def agree_run_id(cfg: Hyperparameters, d: Dist) -> str:
+    run_id = [cfg.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]]
+    if d.enabled:
+        torch.distributed.broadcast_object_list(run_id, src=0)
+    return run_id[0]
+
+
+def open_run(cfg: Hyperparameters, d: Dist) -> tuple[Path, RunLog]:
+    run_dir = Path(cfg.out_dir) / cfg.run_id
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    log = RunLog(run_dir if d.is_main else None)
+    log(f"run_dir:{run_dir}")
+    log("config:" + json.dumps(to_dict(cfg)), console=False)
+    for line in environment_lines():
+        log(line, console=False)
+    log.metric("config", **to_dict(cfg))
+    return run_dir, log
+
+
+def load_validation(cfg: Hyperparameters, log: RunLog):
+    sp = load_sentencepiece(cfg.tokenizer_path)
+    if sp.vocab_size() > cfg.vocab_size:
+        raise ValueError(f"{cfg.tokenizer_path}: tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE="
+                         f"{cfg.vocab_size}; set VOCAB_SIZE to at least the tokenizer's size")
+    tables = byte_tables(sp, cfg.vocab_size)
+    tokens = load_tokens(val_pattern(cfg.data_path), cfg.vocab_size, cfg.val_max_tokens)
+    sidecar = load_byte_sidecar(cfg.data_path, len(tokens), cfg.val_max_tokens)
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={cfg.tokenizer_path}"
+        + (" byte_sidecar:enabled" if sidecar is not None else ""))
+    log(f"val_loader:shards pattern={val_pattern(cfg.data_path)} tokens:{len(tokens)}")
+    return tokens, tables, sidecar
+
+
+class Evaluator:
+    """Standard (challenge) and sliding-window evaluation with the run's geometry."""
+
+    def __init__(self, cfg: Hyperparameters, d: Dist, tokens: np.ndarray, tables, sidecar, autocast_dtype):
+        self.d, self.tables, self.autocast_dtype = d, tables, autocast_dtype
+        self.seq_len = cfg.train_seq_len
+        usable = (len(tokens) - 1) // self.seq_len * self.seq_len + 1  # the challenge drops the partial block
+        if usable < self.seq_len + 1:
+            raise ValueError(f"validation split has {len(tokens)} tokens, fewer than TRAIN_SEQ_LEN+1")
+        self.tokens, self.sidecar = tokens, sidecar
+        self.std_tokens = tokens[:usable]
+        self.std_sidecar = None if sidecar is None else sidecar[:usable]
+        self.std_batch = max(1, cfg.val_batch_size // (8 * self.seq_len))
+        self.eval_seq_len = cfg.eval_seq_len or cfg.train_seq_len
+        self.stride, self.sliding_batch = cfg.eval_stride, cfg.eval_batch_seqs
+        self.progress = cfg.progress == "1" or (cfg.progress == "auto" and sys.stdout.isatty() and d.is_main)
+
+    def _run(self, model, tokens, sidecar, seq_len, stride, batch, hidden_fn=None):
+        return evaluate(model, tokens, self.tables, seq_len=seq_len, stride=stride, batch_seqs=batch,
+                        rank=self.d.rank, world_size=self.d.world_size, all_reduce=self.d.all_reduce,
+                        byte_counts=sidecar, autocast_dtype=self.autocast_dtype, hidden_fn=hidden_fn,
+                        progress=self.progress)
+
+    def standard(self, model, hidden_fn=None):
+        return self._run(model, self.std_tokens, self.std_sidecar, self.seq_len, self.seq_len, self.std_batch,
+                         hidden_fn)
+
+    def sliding(self, model, hidden_fn=None):
+        return self._run(model, self.tokens, self.sidecar, self.eval_seq_len, self.stride, self.sliding_batch,
+                         hidden_fn)
+
+
+def resolve_execution(cfg: Hyperparameters, d: Dist) -> tuple[bool, torch.dtype | None]:
+    cuda = d.device.type == "cuda"
+    use_compile = cfg.compile == "1" or (cfg.compile == "auto" and cuda)
+    autocast = torch.bfloat16 if cfg.autocast == "bf16" or (cfg.autocast == "auto" and cuda) else None
+    return use_compile, autocast
+
+
+def build_model(cfg: Hyperparameters, device: torch.device) -> GPT:
+    model = GPT(model_config(cfg)).to(device)
+    if cfg.qat:
+        control, keep = split_patterns(cfg.control_tensor_name_patterns), split_patterns(cfg.fp16_passthrough_patterns)
+        mark_qat(model, int6_weight_names(model.state_dict(), control, keep))
+        set_qat_gate(model, cfg.qat_start_frac == 0)
+    return model
+
+
+def set_schedule(optimizers, cfg: Hyperparameters, step: int, lr_mul: float) -> None:
+    momentum = muon_momentum(step, start=cfg.muon_momentum_warmup_start, end=cfg.muon_momentum,
+                             warmup_steps=cfg.muon_momentum_warmup_steps)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_mul
+            if "momentum" in group:
+                group["momentum"] = momentum
+
+
+def train_step(model, train_model, optimizers, loader, cfg: Hyperparameters, d: Dist, grad_accum: int,
+               autocast_dtype) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches; returns the mean micro-batch loss (local)."""
+    total = torch.zeros((), device=d.device)
+    amp = torch.autocast(d.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    for micro in range(grad_accum):
+        x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, grad_accum)
+        sync = nullcontext() if (not d.enabled or micro == grad_accum - 1) else train_model.no_sync()
+        with sync, amp:
+            loss = train_model(x, y)
+        with sync:
+            (loss / grad_accum).backward()
+        total += loss.detach()
+    if cfg.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return total / grad_accum
+
+
+def compile_warmup(model, train_model, optimizers, cfg, d, grad_accum, autocast_dtype, log) -> None:
+    """Prime compiled kernels on real steps, then restore the initial weights and optimizer state."""
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
+    for i in range(cfg.warmup_steps):
+        train_step(model, train_model, optimizers, loader, cfg, d, grad_accum, autocast_dtype)
+        log(f"warmup_step:{i + 1}/{cfg.warmup_steps}")
+    model.load_state_dict(saved_model)
+    for opt, state in zip(optimizers, saved_opts):
+        opt.load_state_dict(state)
+
+
+class Timer:
+    """Training wallclock that excludes validation: pause() around evals."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.total_ms, self.t0 = device, 0.0, None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def start(self):
+        self._sync()
+        self.t0 = time.perf_counter()
+
+    def pause(self):
+        self._sync()
+        self.total_ms += 1000.0 * (time.perf_counter() - self.t0)
+        self.t0 = None
+
+    def elapsed_ms(self) -> float:
+        return self.total_ms + (1000.0 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
+
+
+def log_eval(log: RunLog, name: str, r, extra: str = "") -> None:
+    log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} {extra}eval_time:{1000 * r.seconds:.0f}ms")
+    log(f"{name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+    log.metric(name, val_loss=r.val_loss, val_bpb=r.val_bpb, eval_time_ms=1000 * r.seconds, targets=r.targets,
+               bytes=r.bytes, token_forwards=r.token_forwards)
+
+
+def train(cfg: Hyperparameters, d: Dist) -> dict:
+    """Train, export, read the artifact back and score it. Returns the final metrics."""
+    # 1. run folder, log, seeds, data
+    cfg.run_id = agree_run_id(cfg, d)
+    run_dir, log = open_run(cfg, d)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    use_compile, autocast_dtype = resolve_execution(cfg, d)
+    grad_accum = 8 // d.world_size
+    val_tokens, tables, sidecar = load_validation(cfg, log)
+    evaluator = Evaluator(cfg, d, val_tokens, tables, sidecar, autocast_dtype)
+    loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
+    log(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(loader.stream.files)}")
+
+    # 2. model, compile, DDP, optimizers
+    model = build_model(cfg, d.device)
+    control = split_patterns(cfg.control_tensor_name_patterns)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    log(f"world_size:{d.world_size} grad_accum_steps:{grad_accum} device:{d.device} compile:{use_compile} "
+        f"autocast:{autocast_dtype}")
+    log(f"attention_mode:gqa num_heads:{cfg.num_heads} num_kv_heads:{cfg.num_kv_heads} mlp_mult:{cfg.mlp_mult} "
+        f"smear_gate:{cfg.smear_gate} qat:{cfg.qat} muon_variant:{cfg.muon_variant}")
+    log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr} "
+        f"head_lr:{0.0 if cfg.tie_embeddings else cfg.head_lr} matrix_lr:{cfg.matrix_lr} scalar_lr:{cfg.scalar_lr}")
+    log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
+        f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.3f}")
+    log(f"seed:{cfg.seed}")
+    compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
+    train_model = torch.nn.parallel.DistributedDataParallel(
+        compiled, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False
+    ) if d.enabled else compiled
+    optimizers = build_optimizers(
+        model, control_patterns=control, matrix_lr=cfg.matrix_lr, scalar_lr=cfg.scalar_lr,
+        embed_lr=cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr, head_lr=cfg.head_lr,
+        smear_lr=cfg.smear_lr, betas=(cfg.beta1, cfg.beta2), adam_eps=cfg.adam_eps, muon_momentum=cfg.muon_momentum,
+        muon_backend_steps=cfg.muon_backend_steps, muon_weight_decay=cfg.muon_weight_decay,
+        muon_variant=cfg.muon_variant, normuon_beta2=cfg.normuon_beta2, normuon_rescale=cfg.normuon_rescale,
+        rank=d.rank, world_size=d.world_size)
+    if use_compile and cfg.warmup_steps > 0:
+        compile_warmup(model, train_model, optimizers, cfg, d, grad_accum, autocast_dtype, log)
+        loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
+
+    # 3. the timed loop
+    hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else None
+    swa = SWA()
+    max_ms = 1000.0 * cfg.max_wallclock_seconds
+    timer, step, stop_after, qat_on = Timer(d.device), 0, None, cfg.qat and cfg.qat_start_frac == 0
+    bar = None
+    if evaluator.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.iterations, unit="step", dynamic_ncols=True)
+    timer.start()
+    while True:
+        last = step == cfg.iterations or (stop_after is not None and step >= stop_after)
+        if last or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0):
+            timer.pause()
+            r = evaluator.standard(model, hidden_fn)
+            ms = timer.total_ms
+            log(f"step:{step}/{cfg.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+                f"train_time:{ms:.0f}ms step_avg:{ms / max(step, 1):.2f}ms")
+            log.metric("val", step=step, val_loss=r.val_loss, val_bpb=r.val_bpb, train_time_ms=ms)
+            pre_quant = r
+            timer.start()
+        if last:
+            break
+        elapsed = timer.elapsed_ms()
+        lr_mul = lr_multiplier(step, elapsed, iterations=cfg.iterations, warmdown_iters=cfg.warmdown_iters,
+                               max_wallclock_ms=max_ms)
+        set_schedule(optimizers, cfg, step, lr_mul)
+        if cfg.qat and not qat_on and progress(step, elapsed, iterations=cfg.iterations,
+                                               max_wallclock_ms=max_ms) >= cfg.qat_start_frac:
+            set_qat_gate(model, True)
+            qat_on = True
+            log(f"qat:on step:{step}")
+        loss = train_step(model, train_model, optimizers, loader, cfg, d, grad_accum, autocast_dtype)
+        step += 1
+        if swa_due(step, lr_mul, every=cfg.swa_every, start_frac=cfg.swa_start_frac, start_lr=cfg.swa_start_lr):
+            swa.add(model)
+            if swa.count == 1:
+                log(f"swa:start step:{step} lr_mul:{lr_mul:.4f}")
+        ms = timer.elapsed_ms()
+        if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
+            d.all_reduce(loss)  # every rank logs on the same steps; average over ranks
+            train_loss = loss.item() / d.world_size
+            log(f"step:{step}/{cfg.iterations} train_loss:{train_loss:.4f} train_time:{ms:.0f}ms "
+                f"step_avg:{ms / step:.2f}ms")
+            log.metric("train", step=step, train_loss=train_loss, train_time_ms=ms, lr_mul=lr_mul,
+                       tokens_per_s=step * cfg.train_batch_tokens / max(ms / 1000, 1e-9))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{step * cfg.train_batch_tokens / max(ms / 1e3, 1e-9):.0f}")
+        if max_ms > 0 and stop_after is None:
+            reached = torch.tensor(float(ms >= max_ms), device=d.device)
+            if d.all_reduce(reached, op="max").item() > 0:
+                stop_after = step
+                log(f"stopping_early: wallclock_cap train_time:{ms:.0f}ms step:{step}/{cfg.iterations}")
+    if bar is not None:
+        bar.close()
+    train_ms = timer.total_ms
+    if d.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
+    # 4. averaging, export, round trip from disk
+    if swa.count:
+        swa.apply(model)
+        log(f"swa:applied checkpoints:{swa.count}")
+        pre_quant = evaluator.standard(model, hidden_fn)
+        log_eval(log, "post_swa", pre_quant)
+    final = finalize(cfg, d, model, evaluator, run_dir, log, control)
+    final.update(step_stop=step, train_time_ms=train_ms, pre_quant_val_loss=pre_quant.val_loss,
+                 pre_quant_val_bpb=pre_quant.val_bpb, swa_checkpoints=swa.count,
+                 model_params=sum(p.numel() for p in model.parameters()), run_dir=str(run_dir))
+    log.metric("final", **final)
+    return final
+
+
+def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log: RunLog, control) -> dict:
+    """Write the artifact, read it back from disk into a fresh model, score it (standard + sliding)."""
+    keep = split_patterns(cfg.fp16_passthrough_patterns)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    blob, payload = serialize(state, model.cfg.to_dict(), cfg.quant_format, control, keep)
+    path = run_dir / ARTIFACT_NAMES[cfg.quant_format]
+    label = {"int8_zlib": "int8+zlib", "int6_zstd": "int6+zstd"}[cfg.quant_format]
+    if d.is_main:
+        write_atomic(path, blob)
+    d.barrier()
+    raw_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    code, code_what = code_bytes(preset_diff(cfg))
+    total, status = budget_line(len(blob), code)
+    log(f"Serialized model: {raw_bytes} bytes")
+    log(f"Code size: {code} bytes ({code_what})")
+    log(f"Serialized model {label}: {len(blob)} bytes (payload:{payload} raw_torch:{raw_bytes} "
+        f"payload_ratio:{raw_bytes / max(payload, 1):.2f}x)")
+    log(f"Total submission size {label}: {total} bytes {status}")
+    if total > 16_000_000:
+        log(f"WARNING: artifact + code = {total} bytes exceeds the 16,000,000-byte limit; this run cannot be submitted")
+    state_rt, model_cfg, _ = load_artifact(path)
+    fresh = GPT(GPTConfig(**model_cfg)).to(d.device)
+    fresh.load_state_dict(state_rt, strict=True)
+    name = "final_int8_zlib_roundtrip" if cfg.quant_format == "int8_zlib" else "final_int6_roundtrip"
+    hidden_fn = torch.compile(fresh.hidden, dynamic=False) if resolve_execution(cfg, d)[0] else None
+    rt = evaluator.standard(fresh, hidden_fn)
+    log_eval(log, name, rt)
+    out = dict(val_loss=rt.val_loss, val_bpb=rt.val_bpb, roundtrip_val_loss=rt.val_loss, roundtrip_val_bpb=rt.val_bpb,
+               bytes_model=len(blob), bytes_code=code, bytes_total=total, quant_format=cfg.quant_format,
+               eval_time_ms=1000 * rt.seconds, artifact=str(path))
+    if cfg.eval_stride > 0:
+        sw = evaluator.sliding(fresh, hidden_fn)
+        log_eval(log, "final_sliding_window", sw, f"stride:{cfg.eval_stride} seq_len:{evaluator.eval_seq_len} ")
+        out.update(val_loss=sw.val_loss, val_bpb=sw.val_bpb, sliding_val_loss=sw.val_loss, sliding_val_bpb=sw.val_bpb,
+                   eval_time_ms=1000 * sw.seconds, sliding_token_forwards=sw.token_forwards, sliding_targets=sw.targets)
+    return out
+
+
+def run(cfg: Hyperparameters) -> dict:
+    d = setup_dist()
+    try:
+        return train(cfg, d)
+    finally:
+        teardown_dist(d)
+
+
+def main(argv: list[str] | None = None) -> None:
+    preset, flags = parse_flags(sys.argv[1:] if argv is None else argv)
+    run(resolve(preset, flags=flags))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny synthetic dataset + tokenizer made by the tests themselves (no ../shared)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pgolf.synth import write_synthetic_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small synthetic corpus: fineweb_{train,val}_000000.bin, tokenizer.model, synth.json."""
+    out = tmp_path_factory.mktemp("tiny_data")
+    meta = write_synthetic_dataset(out, seed=1, vocab_size=512, train_docs=1500, val_docs=40, tokenizer_docs=600)
+    return out, meta
+
+
+def tiny_env(data_dir, run_dir, **overrides) -> dict:
+    """Env for a tiny CPU training run on tiny_data."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGOLF_")}
+    env.update(
+        DATA_PATH=str(data_dir), TOKENIZER_PATH=str(data_dir / "tokenizer.model"), OUT_DIR=str(run_dir),
+        VOCAB_SIZE="512", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="64",
+        TRAIN_BATCH_TOKENS="2048", ITERATIONS="8", WARMDOWN_ITERS="3", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1",
+        VAL_BATCH_SIZE="8192", WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", PROGRESS="0",
+        OMP_NUM_THREADS="1",
+    )
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def run_cmd(args: list[str], env: dict, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, env=env, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+PYTHON = sys.executable
