@@ -171,10 +171,10 @@ def train_step(model, train_model, optimizers, loader, cfg: Hyperparameters, d: 
     amp = torch.autocast(d.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     for micro in range(grad_accum):
         x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, grad_accum)
-        sync = nullcontext() if (not d.enabled or micro == grad_accum - 1) else train_model.no_sync()
-        with sync, amp:
-            loss = train_model(x, y)
-        with sync:
+        # DDP all-reduces gradients only on the last micro-batch.
+        with nullcontext() if (not d.enabled or micro == grad_accum - 1) else train_model.no_sync():
+            with amp:
+                loss = train_model(x, y)
             (loss / grad_accum).backward()
         total += loss.detach()
     if cfg.grad_clip_norm > 0:
