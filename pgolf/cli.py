@@ -8,7 +8,14 @@ import sys
 # subcommand -> (module:function taking argv, one-line help). Imported lazily so `pgolf --help` is fast.
 COMMANDS = {
     "train": ("pgolf.cli:train_command", "train, export, round-trip and score a model (env vars / --key=value)"),
-    "data": ("pgolf.cli:data_command", "data tools: synth"),
+    "data": ("pgolf.cli:data_command", "data tools: download, prepare, verify, synth"),
+    "eval": ("pgolf.eval_artifact:main", "score a saved artifact: standard + sliding-window val_bpb, no training"),
+    "pack": ("pgolf.pack:pack_command", "write a self-contained train_gpt.py from a preset (--compress: counted stub)"),
+    "budget": ("pgolf.budget:budget_command", "predict artifact + code bytes of a configuration before training"),
+    "seeds": ("pgolf.seeds:seeds_command", "run one configuration for several seeds (or --dry-run the commands)"),
+    "significance": ("pgolf.stats:significance_command", "one-sided Welch t-test: better by >= N nats at p < 0.01?"),
+    "record": ("pgolf.record:record_command", "build a records folder (README, submission.json, logs) from runs"),
+    "report": ("pgolf.report:report_command", "markdown table + loss/val_bpb plots of run folders"),
 }
 
 SYNTH_DIR = "./data/synth"
@@ -40,7 +47,10 @@ def data_command(argv: list[str]) -> int:
     synth.add_argument("--vocab-size", type=int, default=512)
     synth.add_argument("--train-docs", type=int, default=12000)
     synth.add_argument("--val-docs", type=int, default=400)
+    _add_data_tools(sub)
     args = parser.parse_args(argv)
+    if args.action != "synth":
+        return DATA_ACTIONS[args.action](args)
     from pgolf.synth import write_synthetic_dataset
 
     meta = write_synthetic_dataset(args.out, seed=args.seed, vocab_size=args.vocab_size,
@@ -48,6 +58,72 @@ def data_command(argv: list[str]) -> int:
     for key, value in meta.items():
         print(f"{key}:{value}")
     return 0
+
+
+def _add_data_tools(sub) -> None:
+    from pgolf.download import DEFAULT_REPO_ID, DEFAULT_REMOTE_ROOT
+
+    dl = sub.add_parser("download", help="fetch the challenge shards + tokenizer from the Hugging Face hub")
+    dl.add_argument("--variant", default="sp1024", help="dataset fineweb10B_<variant> (sp1024, byte260, ...)")
+    dl.add_argument("--train-shards", type=int, required=True, help="train shards to fetch (capped at the manifest's)")
+    dl.add_argument("--dest", default="./data", help="local root: manifest.json, datasets/, tokenizers/")
+    dl.add_argument("--repo-id", default=DEFAULT_REPO_ID)
+    dl.add_argument("--remote-root", default=DEFAULT_REMOTE_ROOT)
+    dl.add_argument("--mirror", help="copy from a local directory laid out like the hub repo instead")
+    prep = sub.add_parser("prepare", help="tokenize JSON-lines documents into shards + manifest")
+    prep.add_argument("--docs", required=True, help='JSON lines, one {"text": ...} per document')
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--vocab-size", type=int, help="train a BPE tokenizer of this size (default 1024)")
+    prep.add_argument("--tokenizer", help="use this SentencePiece model instead of training one")
+    prep.add_argument("--num-val-docs", type=int, default=50_000, help="the first K documents are val")
+    prep.add_argument("--shard-tokens", type=int, default=10**8)
+    prep.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
+    prep.add_argument("--tokenizer-train-docs", type=int, default=0, help="cap on train docs for the tokenizer")
+    prep.add_argument("--byte-sidecar", action="store_true", help="also write fineweb_val_bytes_*.bin")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is done")
+    ver = sub.add_parser("verify", help="check shards, tokenizer, manifest and byte accounting")
+    ver.add_argument("dir")
+    ver.add_argument("--tokenizer", help="default: the manifest's, else DIR/tokenizer.model")
+
+
+def _download(args) -> int:
+    from pathlib import Path
+
+    from pgolf.download import HfHub, LocalHub, download
+
+    hub = LocalHub(args.mirror) if args.mirror else HfHub(args.repo_id, Path(args.dest))
+    summary = download(args.variant, args.train_shards, args.dest, hub, remote_root=args.remote_root)
+    print(f"fetched:{summary['fetched']} skipped:{summary['skipped']} val_shards:{summary['val_shards']} "
+          f"train_shards:{summary['train_shards']}")
+    print(f"DATA_PATH={summary['data_path']} TOKENIZER_PATH={summary['tokenizer_path']}")
+    return 0
+
+
+def _prepare(args) -> int:
+    from pgolf.prepare import prepare_dataset
+
+    manifest = prepare_dataset(args.docs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                               num_val_docs=args.num_val_docs, shard_tokens=args.shard_tokens,
+                               workers=args.workers, overwrite=args.overwrite, byte_sidecar=args.byte_sidecar,
+                               tokenizer_train_docs=args.tokenizer_train_docs)
+    tok = manifest["tokenizer"]
+    print(f"tokenizer:{tok['source']} vocab_size:{tok['vocab_size']} sha256:{tok['sha256'][:16]}")
+    for split, stats in manifest["splits"].items():
+        print(f"{split}: docs:{stats['docs']} tokens:{stats['tokens']} shards:{len(stats['shards'])} "
+              f"skipped_empty:{stats['skipped_empty']}")
+    print(f"DATA_PATH={args.out} TOKENIZER_PATH={args.out}/{tok['model_path']}")
+    return 0
+
+
+def _verify(args) -> int:
+    from pgolf.verify import format_report, verify_dataset
+
+    report = verify_dataset(args.dir, args.tokenizer, progress=sys.stderr.isatty())
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+DATA_ACTIONS = {"download": _download, "prepare": _prepare, "verify": _verify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,8 @@ coverage 0.999. Each document is encoded as [BOS] + tokens, with no EOS.
 """
 from __future__ import annotations
 
+import io
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -18,24 +17,30 @@ BOS_TOKEN = 1
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str | Path, threads: int = 2) -> Path:
-    """Train a BPE model from document texts; writes model_path (and its .vocab) atomically."""
+    """Train a BPE model from document texts; writes model_path and its .vocab atomically.
+
+    The model is trained into memory, so its bytes (and sha256) depend only on the texts and settings.
+    """
     import sentencepiece as spm
 
     model_path = Path(model_path)
     if model_path.suffix != ".model":
         raise ValueError(f"{model_path}: a SentencePiece model path must end in .model")
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=model_path.parent) as tmp:
-        prefix = os.path.join(tmp, "sp")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=(t.replace("\x00", " ").strip() for t in texts), model_prefix=prefix,
-            model_type="bpe", vocab_size=vocab_size, character_coverage=0.999, byte_fallback=True,
-            split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
-            pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False, num_threads=threads,
-            minloglevel=2,
-        )
-        shutil.move(prefix + ".vocab", model_path.with_suffix(".vocab"))
-        shutil.move(prefix + ".model", model_path)
+    blob = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(t.replace("\x00", " ").strip() for t in texts), model_writer=blob,
+        model_type="bpe", vocab_size=vocab_size, character_coverage=0.999, byte_fallback=True,
+        split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False, num_threads=threads,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=blob.getvalue())
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
+    for path, data in ((model_path.with_suffix(".vocab"), vocab.encode()), (model_path, blob.getvalue())):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
     return model_path
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.artifact import ARTIFACT_NAMES, budget_line, code_bytes, load_artifact, serialize, write_atomic
+from pgolf.artifact import (ARTIFACT_NAMES, PACKED_SINGLE_FILE, budget_line, code_bytes, load_artifact, serialize,
+                            write_atomic)
 from pgolf.averaging import SWA
 from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve, to_dict
 from pgolf.data import DistributedTokenLoader, load_byte_sidecar, load_tokens, train_pattern, val_pattern
@@ -88,6 +89,8 @@ def open_run(cfg: Hyperparameters, d: Dist) -> tuple[Path, RunLog]:
     log("config:" + json.dumps(to_dict(cfg)), console=False)
     for line in environment_lines():
         log(line, console=False)
+    if PACKED_SINGLE_FILE:  # like the reference script, keep the exact code that ran with its log
+        log(Path(sys.modules["__main__"].__file__).read_text(), console=False)
     log.metric("config", **to_dict(cfg))
     return run_dir, log
 

@@ -1,0 +1,300 @@
+"""`pgolf data prepare`: raw documents (JSON lines with a "text" field) -> challenge shards + manifest.
+
+Documents keep their file order: the first K go to val, the rest to train. K counts input documents,
+so which documents are val depends on the file alone, not on the tokenizer. Each document becomes
+[BOS] + ids with no EOS (pgolf.spm.encode_document); one with no tokens after normalization is
+skipped and counted. Shards hold exactly shard_tokens tokens except each split's last, so a document
+may continue into the next shard of its split, but val and train never share a shard.
+
+Encoding runs in worker processes on chunks of documents whose results are consumed in input order,
+so the output is the same for any number of workers. Everything is written into a temporary sibling
+directory, manifest.json last, which is then renamed into place: a failed or interrupted run never
+leaves a dataset that looks complete, and --overwrite replaces the old one only at the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections import deque
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from pgolf.artifact import write_atomic
+from pgolf.data import write_shard
+from pgolf.download import MANIFEST_NAME
+from pgolf.eval import byte_tables, load_sentencepiece
+from pgolf.spm import BOS_TOKEN, encode_document, train_sentencepiece
+from pgolf.verify import PREPARE_FORMAT, TOKENIZER_NAME, sha256_file, write_byte_sidecars
+
+DEFAULT_SHARD_TOKENS = 10**8
+DEFAULT_NUM_VAL_DOCS = 50_000
+DEFAULT_VOCAB_SIZE = 1024
+CHUNK_DOCS = 256
+# what prepare writes; --overwrite refuses to delete a directory holding anything else
+DATASET_FILE = re.compile(r"fineweb_(val|train|val_bytes)_\d+\.bin|manifest\.json|tokenizer\.(model|vocab)")
+
+
+class DocumentError(ValueError):
+    pass
+
+
+def iter_documents(path: str | Path, hasher=None) -> Iterator[tuple[int, int, str]]:
+    """(line number, file offset after the line, text) per JSON line; blank lines are skipped."""
+    offset = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if hasher is not None:
+                hasher.update(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DocumentError(f"{path}:{line_no}: invalid UTF-8 byte {raw[e.start:e.start + 1]!r} at file "
+                                    f"offset {offset + e.start} (column {e.start + 1}); re-export the documents "
+                                    "as UTF-8") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            yield line_no, offset, _line_text(path, line_no, line)
+
+
+def _line_text(path, line_no: int, line: str) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DocumentError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
+                            'one object like {"text": "..."}') from None
+    text = obj.get("text") if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        found = f"keys {sorted(obj)[:5]}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+        raise DocumentError(f'{path}:{line_no}: no string field "text" (found {found}); every line must hold '
+                            'its document as {"text": "..."}')
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800" decodes but is not text
+        raise DocumentError(f"{path}:{line_no}: text character {e.start} is an unpaired surrogate "
+                            f"({text[e.start]!r}), which is not valid UTF-8; fix the escape in the source") from None
+    return text
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """An existing non-empty --out needs --overwrite, and then must hold only files prepare writes."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a directory path")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out} already exists ({len(entries)} entries); pass --overwrite to replace it "
+                         "(the old dataset stays until the new one is complete) or choose another --out")
+    foreign = [name for name in entries if not DATASET_FILE.fullmatch(name)]
+    if foreign:
+        raise ValueError(f"--out {out} holds {foreign[0]!r}, which prepare does not write; refusing to replace "
+                         "the directory. Move that file away or choose another --out")
+
+
+class ShardWriter:
+    """One split's shards: exactly shard_tokens tokens each, the last one shorter."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int):
+        self.out, self.split, self.shard_tokens = out, split, shard_tokens
+        self.parts: list[np.ndarray] = []
+        self.buffered = 0
+        self.shards: list[str] = []
+        self.tokens = self.docs = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        self.parts.append(ids)
+        self.buffered += ids.size
+        self.tokens += ids.size
+        self.docs += 1
+        while self.buffered >= self.shard_tokens:
+            flat = np.concatenate(self.parts)
+            self._write(flat[:self.shard_tokens])
+            rest = flat[self.shard_tokens:]
+            self.parts, self.buffered = ([rest] if rest.size else []), rest.size
+
+    def close(self) -> dict:
+        if self.buffered:
+            self._write(np.concatenate(self.parts))
+            self.parts, self.buffered = [], 0
+        return {"docs": self.docs, "tokens": self.tokens, "shards": self.shards}
+
+    def _write(self, tokens: np.ndarray) -> None:
+        name = f"fineweb_{self.split}_{len(self.shards):06d}.bin"
+        write_shard(self.out / name, tokens)
+        self.shards.append(name)
+
+
+_worker_sp = None
+
+
+def _init_worker(model_path: str) -> None:
+    global _worker_sp
+    import sentencepiece as spm
+
+    _worker_sp = spm.SentencePieceProcessor(model_file=model_path)
+
+
+def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    docs = [encode_document(_worker_sp, t) for t in texts]
+    return np.concatenate(docs), np.array([d.size for d in docs], dtype=np.int64)
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _unpack(result: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+    flat, lengths = result
+    return np.split(flat, np.cumsum(lengths)[:-1])
+
+
+def encode_in_order(texts: Iterable[str], model_path: str | Path, workers: int) -> Iterator[np.ndarray]:
+    """Each text's [BOS] + ids, in input order. At most 2 chunks per worker are in flight, so memory
+    stays bounded however large the input is (Pool.imap would read the whole input ahead)."""
+    if workers <= 1:
+        _init_worker(str(model_path))
+        for chunk in _chunks(texts, CHUNK_DOCS):
+            yield from _unpack(_encode_chunk(chunk))
+        return
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(str(model_path),)) as pool:
+        pending: deque = deque()
+        for chunk in _chunks(texts, CHUNK_DOCS):
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield from _unpack(pending.popleft().get())
+        while pending:
+            yield from _unpack(pending.popleft().get())
+
+
+def _setup_tokenizer(staging: Path, docs: Path, tokenizer: str | None, vocab_size: int | None,
+                     num_val_docs: int, tokenizer_train_docs: int, log: Callable[[str], None]) -> dict:
+    """Copy the given model, or train one on the train documents only (never on val text)."""
+    target = staging / TOKENIZER_NAME
+    if tokenizer:
+        sp = load_sentencepiece(tokenizer)
+        if vocab_size and sp.vocab_size() != vocab_size:
+            raise ValueError(f"--tokenizer {tokenizer} has vocab size {sp.vocab_size()} but --vocab-size is "
+                             f"{vocab_size}; drop --vocab-size or pass the model trained for it")
+        shutil.copyfile(tokenizer, target)
+        if Path(tokenizer).with_suffix(".vocab").is_file():
+            shutil.copyfile(Path(tokenizer).with_suffix(".vocab"), target.with_suffix(".vocab"))
+        source, trained_docs = str(tokenizer), 0
+    else:
+        vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
+        limit = tokenizer_train_docs if tokenizer_train_docs > 0 else None
+        texts = list(islice((t for _, _, t in iter_documents(docs)), num_val_docs, None if limit is None
+                            else num_val_docs + limit))
+        if not texts:
+            raise ValueError(f"{docs}: no train documents after the first {num_val_docs} (val) to train a "
+                             "tokenizer on; lower --num-val-docs or pass --tokenizer MODEL")
+        log(f"training a {vocab_size}-token BPE tokenizer on {len(texts):,} train documents")
+        train_sentencepiece(texts, vocab_size, target)
+        sp = load_sentencepiece(target)
+        source, trained_docs = "trained", len(texts)
+    if sp.bos_id() != BOS_TOKEN or sp.vocab_size() > 2**16:
+        raise ValueError(f"{tokenizer or target}: bos_id {sp.bos_id()}, vocab size {sp.vocab_size()}; shards need "
+                         f"BOS id {BOS_TOKEN} and at most 65536 ids (train with the challenge settings)")
+    return {"model_path": TOKENIZER_NAME, "sha256": sha256_file(target), "vocab_size": sp.vocab_size(),
+            "bos_id": BOS_TOKEN, "source": source, "trained_on_docs": trained_docs}
+
+
+def _progress_bar(total: int, enabled: bool | None):
+    from tqdm import tqdm
+
+    enabled = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=not enabled, leave=False)
+
+
+def _encode_splits(docs: Path, staging: Path, num_val_docs: int, shard_tokens: int, workers: int,
+                   progress: bool | None) -> tuple[dict, dict]:
+    """Write both splits' shards; return the per-split stats and the input's description."""
+    hasher = hashlib.sha256()
+    bar = _progress_bar(docs.stat().st_size, progress)
+
+    def texts() -> Iterator[str]:
+        for _, end, text in iter_documents(docs, hasher):
+            bar.update(end - bar.n)
+            yield text
+
+    writers = {"val": ShardWriter(staging, "val", shard_tokens), "train": ShardWriter(staging, "train", shard_tokens)}
+    skipped = {"val": 0, "train": 0}
+    count = 0
+    with bar:
+        for count, ids in enumerate(encode_in_order(texts(), staging / TOKENIZER_NAME, workers), 1):
+            split = "val" if count <= num_val_docs else "train"
+            if ids.size == 1:  # BOS alone: nothing left after normalization
+                skipped[split] += 1
+            else:
+                writers[split].add(ids)
+    if count == 0:
+        raise ValueError(f"{docs}: no documents (every line is blank)")
+    if count < num_val_docs:
+        raise ValueError(f"{docs}: {count} documents, fewer than --num-val-docs {num_val_docs}; a short val split "
+                         "would silently change the metric, so lower --num-val-docs")
+    splits = {name: {**w.close(), "skipped_empty": skipped[name]} for name, w in writers.items()}
+    return splits, {"path": str(docs), "sha256": hasher.hexdigest(), "documents": count}
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Swap the finished dataset into place; the old one (if any) is removed only afterwards."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old)
+
+
+def prepare_dataset(docs: str | Path, out: str | Path, *, tokenizer: str | None = None, vocab_size: int | None = None,
+                    num_val_docs: int = DEFAULT_NUM_VAL_DOCS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                    workers: int | None = None, overwrite: bool = False, byte_sidecar: bool = False,
+                    tokenizer_train_docs: int = 0, progress: bool | None = None,
+                    log: Callable[[str], None] | None = print) -> dict:
+    """Tokenize docs into out/ (shards, tokenizer.model, manifest.json); return the manifest."""
+    docs, out, log = Path(docs), Path(out), log or (lambda message: None)
+    if not docs.is_file():
+        raise ValueError(f"--docs {docs}: no such file")
+    if num_val_docs < 0 or shard_tokens < 1:
+        raise ValueError(f"--num-val-docs {num_val_docs} must be >= 0 and --shard-tokens {shard_tokens} >= 1")
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the dataset private to this user
+    try:
+        tok = _setup_tokenizer(staging, docs, tokenizer, vocab_size, num_val_docs, tokenizer_train_docs, log)
+        workers = max(1, workers or os.cpu_count() or 1)
+        splits, source = _encode_splits(docs, staging, num_val_docs, shard_tokens, workers, progress)
+        if byte_sidecar:
+            sp = load_sentencepiece(staging / TOKENIZER_NAME)
+            write_byte_sidecars(staging, byte_tables(sp, sp.vocab_size()))
+        manifest = {"format": PREPARE_FORMAT, "docs": source, "num_val_docs": num_val_docs,
+                    "shard_tokens": shard_tokens, "append_eos": False, "byte_sidecar": byte_sidecar,
+                    "tokenizer": tok, "splits": splits}
+        write_atomic(staging / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
+        _install(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
