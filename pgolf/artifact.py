@@ -20,6 +20,8 @@ SIZE_LIMIT = 16_000_000
 ARTIFACT_VERSION = 1
 CODECS = {"int8_zlib": "zlib-9", "int6_zstd": "zstd-22"}
 ARTIFACT_NAMES = {"int8_zlib": "final_model.int8.ptz", "int6_zstd": "final_model.int6.ptz"}
+ROUNDTRIP_LOG_NAMES = {"int8_zlib": "final_int8_zlib_roundtrip", "int6_zstd": "final_int6_roundtrip"}
+SIZE_LABELS = {"int8_zlib": "int8+zlib", "int6_zstd": "int6+zstd"}
 MAGIC = b"PGOLF1"
 
 
@@ -75,7 +77,11 @@ def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]
     codec, sep, blob = raw[len(MAGIC):].partition(b"\0")
     if not sep or codec.decode(errors="replace") not in CODECS.values():
         raise ValueError(f"{path}: unknown codec {codec[:20]!r}")
-    obj = torch.load(io.BytesIO(decompress(blob, codec.decode())), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(io.BytesIO(decompress(blob, codec.decode())), map_location="cpu", weights_only=True)
+    except Exception as e:  # zlib/zstd/unpickling errors of a damaged file
+        raise ValueError(f"{path}: cannot read the artifact ({type(e).__name__}: {e}); the file is corrupt or "
+                         "truncated, copy or export it again") from None
     if obj.get("version") != ARTIFACT_VERSION or obj.get("format") not in CODECS:
         raise ValueError(f"{path}: artifact format {obj.get('format')!r} v{obj.get('version')} is not supported "
                          f"(this pgolf reads v{ARTIFACT_VERSION} of {', '.join(CODECS)})")

@@ -74,21 +74,31 @@ class EvalResult:
     token_forwards: int  # tokens pushed through the model (relative cost vs N)
     seconds: float
 
+    @property
+    def tokens_per_second(self) -> float:
+        return self.targets / max(self.seconds, 1e-9)
+
+    @property
+    def forwards_per_token(self) -> float:
+        """Token-forwards relative to the stream length N (= targets + 1): ~seq_len/stride."""
+        return self.token_forwards / (self.targets + 1)
+
 
 def window_plan(num_tokens: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, ends, n_scored) of every window over a stream of num_tokens (num_tokens-1 targets).
 
     Window k reads inputs tokens[start:end] and scores its last n_scored targets, i.e. target
-    positions (end - n_scored, end]. The scored ranges tile 1..num_tokens-1 exactly once.
+    positions (end - n_scored, end]. The scored ranges tile 1..num_tokens-1 exactly once, and every
+    window has min(seq_len, num_tokens-1) inputs: the last one ends at the stream's end and scores
+    only what is left (fewer than stride targets when num_tokens-1 is off the stride grid).
     """
     targets = num_tokens - 1
     if targets < 1 or not 0 < stride <= seq_len:
-        raise ValueError(f"need >= 2 tokens and 0 < stride <= seq_len (got {num_tokens}, {stride}, {seq_len})")
+        raise ValueError(f"need >= 2 tokens and 0 < stride <= seq_len (got {num_tokens} tokens, "
+                         f"stride {stride}, seq_len {seq_len})")
     first = min(seq_len, targets)
-    rest = np.arange(first + stride, targets + stride, stride, dtype=np.int64)
-    ends = np.concatenate([[first], np.minimum(rest, targets)]).astype(np.int64)
-    ends = np.unique(ends)
-    starts = np.maximum(ends - seq_len, 0)  # every window is seq_len long unless the stream is shorter
+    ends = np.append(np.arange(first, targets, stride, dtype=np.int64), targets)
+    starts = ends - first
     n_scored = np.diff(ends, prepend=0)
     return starts, ends, n_scored
 
@@ -97,54 +107,60 @@ def window_plan(num_tokens: int, seq_len: int, stride: int) -> tuple[np.ndarray,
 def evaluate(model, tokens: np.ndarray, tables: ByteTables | None, *, seq_len: int, stride: int,
              batch_seqs: int, rank: int = 0, world_size: int = 1, all_reduce=None,
              byte_counts: np.ndarray | None = None, autocast_dtype: torch.dtype | None = None,
-             hidden_fn=None, progress: bool = False) -> EvalResult:
+             hidden_fn=None, progress: bool = False, pad_batches: bool | None = None) -> EvalResult:
     """Score every target of `tokens` once; windows are split contiguously across ranks.
 
-    model must provide hidden(x) -> [B, T, D] and logits(h) -> fp32 logits. byte_counts, when
-    given, is the per-token byte sidecar (aligned with tokens) and replaces the tables.
+    model must provide hidden(x) -> [B, T, D] and logits(h) -> fp32 logits; the head and the loss
+    run only on the scored positions. byte_counts, when given, is the per-token byte sidecar
+    (aligned with tokens) and replaces the tables. pad_batches (default: on CUDA) pads a short last
+    batch with windows that score nothing, so a compiled forward sees one shape and never recompiles.
     """
     t0 = time.perf_counter()
+    if batch_seqs < 1:
+        raise ValueError(f"batch_seqs={batch_seqs} must be >= 1")
     device = next(model.parameters()).device
     hidden_fn = hidden_fn or model.hidden
     starts, ends, n_scored = window_plan(len(tokens), seq_len, stride)
     lo, hi = len(ends) * rank // world_size, len(ends) * (rank + 1) // world_size
-    stream = torch.from_numpy(tokens.astype(np.int64))
-    counts = None if byte_counts is None else torch.from_numpy(byte_counts.astype(np.int64))
-    if tables is not None:
-        tables = tables.to(device)
+    width = int(ends[0] - starts[0])
+    offsets = np.arange(width + 1)
+    cols = np.arange(width)
+    tables = tables.to(device) if tables is not None else None
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, targets, bytes, token_forwards
     was_training = model.training
     model.eval()
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    batches = list(range(lo, hi, batch_seqs))
+    pad = device.type == "cuda" if pad_batches is None else pad_batches
+    batches = range(lo, hi, batch_seqs)
     if progress:
         from tqdm import tqdm
         batches = tqdm(batches, desc="eval", unit="batch", leave=False)
     for b0 in batches:
-        idx = range(b0, min(b0 + batch_seqs, hi))
-        x = torch.stack([stream[starts[i]:ends[i]] for i in idx]).to(device)
-        y = torch.stack([stream[starts[i] + 1:ends[i] + 1] for i in idx]).to(device)
-        n = torch.tensor([int(n_scored[i]) for i in idx], device=device)
-        m = int(n.max())
-        keep = torch.arange(m, device=device)[None, :] >= (m - n)[:, None]  # last n_i of the m tail positions
+        sel = np.arange(b0, min(b0 + batch_seqs, hi))
+        n = n_scored[sel]
+        if pad and len(sel) < batch_seqs:
+            sel = np.pad(sel, (0, batch_seqs - len(sel)), mode="edge")
+            n = np.pad(n, (0, batch_seqs - len(n)))
+        pos = starts[sel, None] + offsets  # token positions: inputs pos[:, :-1], targets pos[:, 1:]
+        keep = np.flatnonzero(cols[None, :] >= width - n[:, None])  # flat indices of scored positions
+        win = torch.from_numpy(tokens[pos].astype(np.int64)).to(device, non_blocking=True)
+        idx = torch.from_numpy(keep).to(device, non_blocking=True)
+        x, y = win[:, :-1], win[:, 1:].reshape(-1)[idx]
         with amp:
-            h = hidden_fn(x)[:, -m:]
-        logits = model.logits(h).float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[:, -m:].reshape(-1), reduction="none")
-        nll = nll.view_as(keep)
-        if counts is not None:
-            tgt_pos = torch.stack([torch.arange(int(ends[i]) - m + 1, int(ends[i]) + 1) for i in idx]).to(device)
-            nbytes = counts.to(device)[tgt_pos.clamp(min=0)]
+            h = hidden_fn(x)
+        h = h.reshape(-1, h.size(-1)).index_select(0, idx)
+        nll = F.cross_entropy(model.logits(h).float(), y, reduction="none")
+        if byte_counts is not None:
+            nbytes = torch.from_numpy(byte_counts[pos[:, 1:].reshape(-1)[keep]].astype(np.int64))
         else:
-            nbytes = tables.count(x[:, -m:], y[:, -m:])
-        sums[0] += nll.double()[keep].sum()
-        sums[1] += keep.sum()
-        sums[2] += nbytes.double()[keep].sum()
+            nbytes = tables.count(x.reshape(-1)[idx], y)  # prev = the true previous token
+        sums[0] += nll.double().sum()
+        sums[1] += len(keep)
+        sums[2] += nbytes.double().sum().to(device)
         sums[3] += x.numel()
     if all_reduce is not None:
         all_reduce(sums)
     model.train(was_training)
     nats, ntargets, nbytes, forwards = sums.tolist()
-    loss = nats / ntargets
-    return EvalResult(val_loss=loss, val_bpb=nats / (math.log(2) * nbytes), targets=int(ntargets),
+    return EvalResult(val_loss=nats / ntargets, val_bpb=nats / (math.log(2) * nbytes), targets=int(ntargets),
                       bytes=int(nbytes), token_forwards=int(forwards), seconds=time.perf_counter() - t0)

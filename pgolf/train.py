@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.artifact import (ARTIFACT_NAMES, PACKED_SINGLE_FILE, budget_line, code_bytes, load_artifact, serialize,
-                            write_atomic)
+from pgolf.artifact import (ARTIFACT_NAMES, PACKED_SINGLE_FILE, ROUNDTRIP_LOG_NAMES, SIZE_LABELS, budget_line,
+                            code_bytes, load_artifact, serialize, write_atomic)
 from pgolf.averaging import SWA
 from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve, to_dict
 from pgolf.data import DistributedTokenLoader, load_byte_sidecar, load_tokens, train_pattern, val_pattern
@@ -355,7 +355,7 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     blob, payload = serialize(state, model.cfg.to_dict(), cfg.quant_format, control, keep)
     path = run_dir / ARTIFACT_NAMES[cfg.quant_format]
-    label = {"int8_zlib": "int8+zlib", "int6_zstd": "int6+zstd"}[cfg.quant_format]
+    label = SIZE_LABELS[cfg.quant_format]
     if d.is_main:
         write_atomic(path, blob)
     d.barrier()
@@ -372,7 +372,7 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
     state_rt, model_cfg, _ = load_artifact(path)
     fresh = GPT(GPTConfig(**model_cfg)).to(d.device)
     fresh.load_state_dict(state_rt, strict=True)
-    name = "final_int8_zlib_roundtrip" if cfg.quant_format == "int8_zlib" else "final_int6_roundtrip"
+    name = ROUNDTRIP_LOG_NAMES[cfg.quant_format]
     hidden_fn = torch.compile(fresh.hidden, dynamic=False) if resolve_execution(cfg, d)[0] else None
     rt = evaluator.standard(fresh, hidden_fn)
     log_eval(log, name, rt)

@@ -1,0 +1,157 @@
+"""`pgolf eval ARTIFACT`: score a saved artifact without training (standard + sliding window).
+
+The model is rebuilt from the configuration stored in the artifact. The other settings (data,
+tokenizer, sequence lengths, batch sizes) come from the run's config.json beside the artifact when
+there is one, then from the flags; without a config.json the challenge defaults apply. The
+standard score uses the training sequence length on the truncated stream, exactly like the
+round-trip line of `pgolf train`; the sliding score uses --seq-len/--stride on the full stream.
+Runs on one process or under torchrun (windows split across ranks).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from pgolf.artifact import ROUNDTRIP_LOG_NAMES, load_artifact
+from pgolf.config import FIELD_TYPES, Hyperparameters
+from pgolf.dist import setup_dist, teardown_dist
+from pgolf.eval import load_sentencepiece
+from pgolf.model import GPT, GPTConfig
+from pgolf.train import Evaluator, load_validation, log_eval, resolve_execution
+
+DEFAULT_STRIDE = 64
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pgolf eval", description="Score a saved artifact without training: "
+                                "standard and sliding-window val_loss / val_bpb.")
+    p.add_argument("artifact", help="final_model.*.ptz written by pgolf train")
+    p.add_argument("--stride", type=int, default=None,
+                   help=f"sliding-window stride (default: the run's EVAL_STRIDE, else {DEFAULT_STRIDE}, "
+                        "capped at seq_len; 0 skips the sliding eval)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sliding-window length (default: the run's EVAL_SEQ_LEN or TRAIN_SEQ_LEN)")
+    p.add_argument("--batch-seqs", type=int, default=None, help="windows per forward per rank (default: EVAL_BATCH_SEQS)")
+    p.add_argument("--data", default=None, help="dataset dir with fineweb_val_*.bin (default: the run's DATA_PATH)")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the run's TOKENIZER_PATH)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N validation tokens")
+    p.add_argument("--config", default=None, help="run config.json (default: the one beside the artifact, if any)")
+    return p.parse_args(argv)
+
+
+def rebuild_model(state: dict, model_config: dict, path: str) -> GPT:
+    """GPT from the stored configuration, with clear errors for configs or weights that don't fit."""
+    unknown = sorted(set(model_config) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if unknown:
+        raise ValueError(f"{path}: stored model config has settings this pgolf does not know ({', '.join(unknown)}); "
+                         "it was written by a newer pgolf, upgrade to evaluate it")
+    model = GPT(GPTConfig(**model_config))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path}: weights do not match the stored model config ({first}); the artifact is "
+                         "inconsistent, re-export it with pgolf train") from None
+    return model
+
+
+def run_settings(args: argparse.Namespace, model_config: dict) -> Hyperparameters:
+    """The run's saved settings (if any) with the model fields from the artifact and the flags on top."""
+    config_path = Path(args.config) if args.config else Path(args.artifact).with_name("config.json")
+    values: dict = {}
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        values = {k: v for k, v in saved.items() if k in FIELD_TYPES}
+        differ = {k: (values[k], v) for k, v in model_config.items() if k in values and values[k] != v}
+        if differ:
+            detail = ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in sorted(differ.items()))
+            raise ValueError(f"{config_path}: describes a different model than {args.artifact} (config vs artifact: "
+                             f"{detail}); pass the run's own config with --config")
+    elif args.config:
+        raise FileNotFoundError(f"--config {config_path}: no such file")
+    values.update({k: v for k, v in model_config.items() if k in FIELD_TYPES})
+    if "train_seq_len" not in values and args.seq_len:
+        values["train_seq_len"] = args.seq_len  # no run config: the standard eval uses the given length
+    flags = {"data_path": args.data, "tokenizer_path": args.tokenizer, "eval_seq_len": args.seq_len,
+             "eval_batch_seqs": args.batch_seqs, "val_max_tokens": args.max_tokens, "eval_stride": args.stride}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    cfg = Hyperparameters(**values)
+    eval_len = cfg.eval_seq_len or cfg.train_seq_len
+    if args.stride is None and not cfg.eval_stride:
+        cfg.eval_stride = min(DEFAULT_STRIDE, eval_len)
+    if cfg.eval_stride < 0 or cfg.eval_stride > eval_len or cfg.eval_batch_seqs < 1:
+        raise ValueError(f"--stride {cfg.eval_stride} must be in [0, seq_len={eval_len}] and --batch-seqs "
+                         f"{cfg.eval_batch_seqs} >= 1")
+    return cfg
+
+
+def check_tokenizer(cfg: Hyperparameters, vocab_size: int, path: str) -> None:
+    pieces = load_sentencepiece(cfg.tokenizer_path).vocab_size()
+    if pieces != vocab_size:
+        raise ValueError(f"{cfg.tokenizer_path}: tokenizer has {pieces} pieces but the model in {path} has "
+                         f"vocab_size {vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
+
+
+class ConsoleLog:
+    """The RunLog interface on stdout, rank 0 only; metrics are not recorded."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if self.enabled and console:
+            print(msg, flush=True)
+
+    def metric(self, event: str, **fields) -> None:
+        pass
+
+
+def log_stats(log: ConsoleLog, name: str, r) -> None:
+    log(f"{name}_stats targets:{r.targets} bytes:{r.bytes} tokens_per_s:{r.tokens_per_second:.0f} "
+        f"token_forwards:{r.token_forwards} forwards_per_token:{r.forwards_per_token:.3f}")
+
+
+def read_artifact(path: str) -> tuple[dict, dict, str]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such artifact (pgolf train writes runs/<run_id>/final_model.*.ptz)")
+    return load_artifact(path)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    state, model_config, fmt = read_artifact(args.artifact)
+    model = rebuild_model(state, model_config, args.artifact)
+    cfg = run_settings(args, model_config)
+    check_tokenizer(cfg, model.cfg.vocab_size, args.artifact)
+    d = setup_dist()
+    try:
+        log = ConsoleLog(d.is_main)
+        use_compile, autocast_dtype = resolve_execution(cfg, d)
+        use_compile = use_compile and d.device.type == "cuda"  # on CPU compiling costs more than it saves
+        log(f"eval_artifact:{args.artifact} format:{fmt} bytes:{Path(args.artifact).stat().st_size} "
+            f"model:{json.dumps(model_config, sort_keys=True)}")
+        tokens, tables, sidecar = load_validation(cfg, log)
+        evaluator = Evaluator(cfg, d, tokens, tables, sidecar, autocast_dtype)
+        model = model.to(d.device)
+        hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else None
+        log(f"world_size:{d.world_size} device:{d.device} compile:{use_compile} autocast:{autocast_dtype}")
+        name = ROUNDTRIP_LOG_NAMES[fmt]
+        std = evaluator.standard(model, hidden_fn)
+        log_eval(log, name, std)
+        log_stats(log, name, std)
+        if cfg.eval_stride > 0:
+            sw = evaluator.sliding(model, hidden_fn)
+            log_eval(log, "final_sliding_window", sw, f"stride:{cfg.eval_stride} seq_len:{evaluator.eval_seq_len} ")
+            log_stats(log, "final_sliding_window", sw)
+    finally:
+        teardown_dist(d)
+    return 0
+
+
+if __name__ == "__main__":  # e.g. torchrun --nproc_per_node=8 -m pgolf.eval_artifact ARTIFACT
+    sys.exit(main(sys.argv[1:]))
