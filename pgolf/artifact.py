@@ -77,6 +77,8 @@ def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]
     codec, sep, blob = raw[len(MAGIC):].partition(b"\0")
     if not sep or codec.decode(errors="replace") not in CODECS.values():
         raise ValueError(f"{path}: unknown codec {codec[:20]!r}")
+    if codec == b"zstd-22":
+        _zstd()  # a missing package is an install problem, not a damaged file
     try:
         obj = torch.load(io.BytesIO(decompress(blob, codec.decode())), map_location="cpu", weights_only=True)
     except Exception as e:  # zlib/zstd/unpickling errors of a damaged file

@@ -106,22 +106,46 @@ PRESETS: dict[str, dict] = {
         warmup_steps=0, val_loss_every=50, train_log_every=25, val_batch_size=16384,
         max_wallclock_seconds=0.0, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05,
     ),
-    # Record PR #137: int6 STE QAT + MLP 3x + NorMuon + Muon WD + SWA + sliding eval.
+    # Record PR #137 (val_bpb 1.1666): NorMuon + int6 STE QAT + MLP 3x + SWA + sliding eval, 9 x 512.
+    # "PR #137" = the PR text (../shared/seeds); "§6.2" = reference-notes §6.2 (the MixedQuant
+    # record this stack grew from), used where the PR text gives no value.
     "seed137": _preset(
-        mlp_mult=3.0, train_seq_len=2048, train_batch_tokens=786_432, muon_variant="normuon",
-        muon_momentum=0.99, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
-        matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03, muon_weight_decay=0.01, grad_clip_norm=0.3,
-        warmdown_iters=3000, logit_softcap=15.0, swa_every=200, swa_start_frac=0.0, quant_format="int6_zstd",
-        qat=True, eval_stride=64, eval_batch_seqs=32, val_loss_every=0,
+        mlp_mult=3.0,  # PR #137: "MLP 3x expansion (hidden=1536): 21.8M params"
+        train_seq_len=2048, train_batch_tokens=786_432,  # PR #137: seq_len=2048, batch=786K
+        muon_variant="normuon",  # PR #137: per-neuron row-wise RMS normalisation after Newton-Schulz
+        muon_momentum=0.99,  # PR #137
+        muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,  # §6.2: 0.92 -> 0.99 over 1500
+        matrix_lr=0.02,  # PR #137
+        scalar_lr=0.02, tied_embed_lr=0.03,  # §6.2 (SCALAR_LR 0.020, TIED_EMBED_LR 0.030)
+        muon_weight_decay=0.01,  # PR #137: Muon WD=0.01
+        grad_clip_norm=0.3,  # PR #137
+        warmdown_iters=3000,  # PR #137
+        logit_softcap=15.0,  # PR #137
+        swa_every=200, swa_start_frac=0.0,  # PR #137: every 200 steps during warmdown
+        quant_format="int6_zstd",  # PR #137: int6 per-row attn/MLP, fp16 tied embedding, zstd-22
+        qat=True, qat_start_frac=0.0,  # PR #137: STE fake-int6 "throughout training"
+        eval_stride=64,  # PR #137: sliding window eval, stride 64
+        val_loss_every=0,  # §6.2: no periodic validation (saves training time)
     ),
-    # Record PR #170: int6 STE QAT + SmearGate + Muon WD, int6-in-int8 + zstd-22, sliding eval.
+    # Record PR #170 (val_bpb 1.1669): int6 STE QAT + SmearGate + Muon WD, 9 x 512. The PR text names
+    # the techniques only; the rest is the lineage it extends: the SmearGate/MuonWD record (§6.3),
+    # itself the MixedQuant record (§6.2) plus SmearGate, OrthoInit, BigramHash and Muon WD.
     "seed170": _preset(
-        mlp_mult=3.0, smear_gate=True, smear_lr=0.02, muon_weight_decay=0.01, quant_format="int6_zstd",
-        qat=True, matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.99,
-        muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, warmdown_iters=3000,
-        eval_stride=64, eval_batch_seqs=32, val_loss_every=0,
+        mlp_mult=3.0,  # PR #170: "14.77MB from 21.8M params" = 9 x 512 with MLP 3x (§6.2)
+        smear_gate=True,  # PR #170: ~513 parameters, zero-initialised
+        smear_lr=0.02,  # §6.3/§7.4: the gate trains in the scalar Adam group at 0.020
+        muon_weight_decay=0.01,  # PR #170: decoupled Muon WD 0.01
+        quant_format="int6_zstd",  # PR #170: int6-in-int8 + zstd-22, fp16 tied embedding
+        qat=True, qat_start_frac=0.0,  # PR #170: STE fake int6 QAT; §6.3: on from step 0
+        matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03,  # §6.2
+        muon_momentum=0.99, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,  # §6.2
+        warmdown_iters=3000,  # §6.2
+        eval_stride=64, eval_batch_seqs=32,  # PR #170: sliding window, stride 64, batch 32 seqs
+        val_loss_every=0,  # §6.2
+        # seq 1024, batch 524,288, softcap 30, no grad clip, no SWA: §6.2/§6.3 keep the baseline's
     ),
 }
+# PR #170's second run: 11 layers, Muon WD 0.038 (PR #170 text); everything else as seed170.
 PRESETS["seed170-11l"] = {**PRESETS["seed170"], "num_layers": 11, "muon_weight_decay": 0.038}
 
 

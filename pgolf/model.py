@@ -195,10 +195,17 @@ class GPT(nn.Module):
 
 
 def mark_qat(model: GPT, names: set[str]) -> None:
-    """Give QAT to exactly the linears whose weights are in `names` (call before compiling)."""
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, CastedLinear):
-            mod.qat = f"{mod_name}.weight" in names
+    """Give QAT to exactly the linears whose weights are in `names` (call before compiling).
+
+    A name that is not a CastedLinear weight is an error: the export would quantize a tensor that
+    training never saw quantized, the train/export mismatch that QAT exists to remove."""
+    linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, CastedLinear)}
+    foreign = sorted(set(names) - linears.keys())
+    if foreign:
+        raise ValueError(f"QAT can only fake CastedLinear weights, not {foreign}; keep these out of the int6 "
+                         f"export (e.g. list them in FP16_PASSTHROUGH_PATTERNS) or make them CastedLinear")
+    for name, mod in linears.items():
+        mod.qat = name in names
 
 
 def set_qat_gate(model: GPT, on: bool) -> None:

@@ -5,9 +5,11 @@ int6 export both call it, so a QAT weight survives the export bit for bit.
 - int8_zlib: the challenge baseline. 2-D float tensors over 65,536 entries become int8 per row
   (clip at the 99.99984th percentile of |w|, scale = max(clip/127, 1/127)); small tensors stay
   float (control tensors fp32, others fp16).
-- int6_zstd: attention and MLP matrices int6 per row (levels -31..31, scale = row abs-max / 31,
-  stored in int8 with fp16 scales); fp16 passthrough for the tied embedding and any listed
-  pattern; control tensors fp32; other small tensors fp16; other large 2-D tensors int8.
+- int6_zstd: every attention and MLP matrix int6 per row (levels -31..31, scale = row abs-max / 31,
+  stored in int8 with fp16 scales), whatever its size; fp16 passthrough for the tied embedding and
+  any listed pattern; control tensors fp32; other small tensors fp16; other large 2-D tensors int8.
+  Matrices go int6 before the small-tensor rule so that a scaled-down model (a 256-wide benchmark,
+  a test) quantizes the same tensors, and QAT fakes the same tensors, as the full-size one.
 """
 from __future__ import annotations
 
@@ -62,11 +64,11 @@ def export_kind(name: str, t: torch.Tensor, fmt: str, control: list[str], fp16_k
     if _matches(name, control):
         return "fp32"
     if fmt == "int6_zstd":
-        if _matches(name, fp16_keep) or t.numel() <= SMALL_TENSOR_NUMEL:
+        if _matches(name, fp16_keep):
             return "fp16"
         if t.ndim == 2 and INT6_MATRIX.match(name):
             return "int6"
-    elif t.numel() <= SMALL_TENSOR_NUMEL:
+    if t.numel() <= SMALL_TENSOR_NUMEL:
         return "fp16"
     return "int8" if t.ndim == 2 else "int8_tensor"
 

@@ -301,11 +301,12 @@ def train(cfg: Hyperparameters, d: Dist) -> dict:
         lr_mul = lr_multiplier(step, elapsed, iterations=cfg.iterations, warmdown_iters=cfg.warmdown_iters,
                                max_wallclock_ms=max_ms)
         set_schedule(optimizers, cfg, step, lr_mul)
-        if cfg.qat and not qat_on and progress(step, elapsed, iterations=cfg.iterations,
-                                               max_wallclock_ms=max_ms) >= cfg.qat_start_frac:
-            set_qat_gate(model, True)
-            qat_on = True
-            log(f"qat:on step:{step}")
+        if cfg.qat and not qat_on:
+            due = progress(step, elapsed, iterations=cfg.iterations, max_wallclock_ms=max_ms) >= cfg.qat_start_frac
+            if d.all_reduce(torch.tensor(float(due), device=d.device), op="max").item() > 0:  # ranks switch together
+                set_qat_gate(model, True)
+                qat_on = True
+                log(f"qat:on step:{step}")
         loss = train_step(model, train_model, optimizers, loader, cfg, d, grad_accum, autocast_dtype)
         step += 1
         if swa_due(step, lr_mul, every=cfg.swa_every, start_frac=cfg.swa_start_frac, start_lr=cfg.swa_start_lr):
@@ -358,6 +359,7 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
     label = SIZE_LABELS[cfg.quant_format]
     if d.is_main:
         write_atomic(path, blob)
+        torch.save(state, run_dir / "final_model.pt")  # the unquantized weights, as the reference keeps them
     d.barrier()
     raw_bytes = sum(t.numel() * t.element_size() for t in state.values())
     code, code_what = code_bytes(preset_diff(cfg))

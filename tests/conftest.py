@@ -43,9 +43,13 @@ def run_cmd(args: list[str], env: dict, cwd=None, timeout=300) -> subprocess.Com
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    # Tiny models run fastest on one thread, and one thread per process keeps parallel runs from thrashing.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
 
 
 PYTHON = sys.executable

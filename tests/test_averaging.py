@@ -1,0 +1,70 @@
+"""SWA: the running fp32 average of known tensors, and its wiring in a tiny training run."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from pgolf.averaging import SWA
+from pgolf.config import resolve
+from pgolf.train import run
+from tests.conftest import tiny_env
+
+
+@pytest.fixture
+def one_thread():
+    """In-process tiny runs on a busy 2-core machine: one intra-op thread is ~10x faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2, 3))
+        self.h = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+
+def set_all(model: Tiny, w: list, h: float, steps: int) -> None:
+    with torch.no_grad():
+        model.w.copy_(torch.tensor(w))
+        model.h.fill_(h)
+        model.steps.fill_(steps)
+
+
+def test_swa_average_of_known_tensors():
+    model, swa = Tiny(), SWA()
+    swa.apply(model)  # before any checkpoint: a no-op
+    assert torch.equal(model.w, torch.zeros(2, 3))
+    for k, (w, h) in enumerate([([[1, 2, 3], [4, 5, 6]], 1.0), ([[3, 2, 1], [0, 0, 0]], 2.0),
+                                ([[2, 2, 2], [2, 2, 0]], 4.5)]):
+        set_all(model, w, h, steps=k)
+        swa.add(model)
+    assert swa.count == 3
+    assert swa.sums["w"].dtype == torch.float32 and swa.sums["h"].dtype == torch.float32
+    set_all(model, [[9] * 3] * 2, 9.0, steps=7)
+    swa.apply(model)
+    assert torch.equal(model.w, torch.tensor([[2.0, 2.0, 2.0], [2.0, 7 / 3, 2.0]]))
+    assert model.h.dtype == torch.bfloat16 and torch.equal(model.h, torch.full((4,), 2.5, dtype=torch.bfloat16))
+    assert int(model.steps) == 7  # integer buffers are not averaged
+
+
+def test_swa_in_a_training_run(tiny_data, tmp_path, one_thread):
+    """6 steps, warmdown 3, SWA every step: lr_mul < 1 on steps 5 (0.667) and 6 (0.333): 2 checkpoints."""
+    data_dir, _ = tiny_data
+    env = tiny_env(data_dir, tmp_path, RUN_ID="swa", ITERATIONS=6, WARMDOWN_ITERS=3, SWA_EVERY=1,
+                   QUANT_FORMAT="int6_zstd", QAT=1, VAL_MAX_TOKENS=4097,
+                   TRAIN_BATCH_TOKENS=1024)
+    final = run(resolve("baseline", env={k: v for k, v in env.items() if k.isupper()}))
+    log = (Path(tmp_path) / "swa" / "train.log").read_text()
+    assert final["swa_checkpoints"] == 2
+    assert "swa:start step:5 lr_mul:0.6667" in log and "swa:applied checkpoints:2" in log
+    post = re.search(r"^post_swa_exact val_loss:\S+ val_bpb:(\S+)$", log, re.M)
+    assert post and float(post.group(1)) == pytest.approx(final["pre_quant_val_bpb"], abs=1e-8)  # gap after averaging
+    assert re.search(r"^final_int6_roundtrip_exact val_loss:\S+ val_bpb:\S+$", log, re.M)
+    assert log.index("swa:applied") < log.index("final_int6_roundtrip")
