@@ -44,7 +44,7 @@ def data_command(argv: list[str]) -> int:
     synth = sub.add_parser("synth", help="write an offline corpus with a known entropy rate")
     synth.add_argument("--out", default=SYNTH_DIR)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--vocab-size", type=int, default=512)
+    synth.add_argument("--vocab-size", type=int, default=1024)
     synth.add_argument("--train-docs", type=int, default=12000)
     synth.add_argument("--val-docs", type=int, default=400)
     _add_data_tools(sub)

@@ -101,7 +101,7 @@ PRESETS: dict[str, dict] = {
     "baseline": _preset(),
     # Tiny CPU run on the offline synthetic corpus (`pgolf data synth`): about a minute on 2 cores.
     "smoke": _preset(
-        data_path="", tokenizer_path="", vocab_size=512, num_layers=2, model_dim=64, num_heads=4,
+        data_path="", tokenizer_path="", vocab_size=1024, num_layers=2, model_dim=64, num_heads=4,
         num_kv_heads=2, train_seq_len=128, train_batch_tokens=8192, iterations=150, warmdown_iters=50,
         warmup_steps=0, val_loss_every=50, train_log_every=25, val_batch_size=16384,
         max_wallclock_seconds=0.0, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05,

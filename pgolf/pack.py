@@ -3,10 +3,18 @@
 Modules go in dependency order; `pgolf` imports are removed, third-party and stdlib imports are
 collected once at the top, module docstrings are dropped. The chosen preset (plus overrides)
 becomes the file's default configuration. Packing refuses two modules defining the same name.
+
+`--compress` ships the counted form instead: the source minified (syntax tree checked unchanged),
+lzma-compressed and base85-encoded in a three-line stub that execs it; the readable source goes
+beside it. Either way the running file counts its own bytes as the code size.
 """
 from __future__ import annotations
 
 import ast
+import base64
+import io
+import lzma
+import tokenize
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -14,7 +22,7 @@ PACKED_MODULES = ["config", "dist", "data", "quant", "model", "eval", "optim", "
                   "artifact", "train"]
 
 
-class PackError(RuntimeError):
+class PackError(ValueError):
     pass
 
 
@@ -79,3 +87,123 @@ def packed_source(defaults: dict | None = None) -> str:
     header = '"""Parameter Golf training script, packed from the pgolf package. Configure with env vars."""\n'
     header += "from __future__ import annotations\n\n" + "\n".join(all_imports)
     return header + "\n\n\n" + "\n\n\n".join(bodies) + "\n\n\nif __name__ == '__main__':\n    main()\n"
+
+
+# ---- the counted form: minified, lzma, base85, in a self-extracting stub ----
+
+# The payload sits on its own line so a traceback through the exec line stays one short line.
+STUB_TEMPLATE = 'import lzma,base64\n_packed="{payload}"\nexec(lzma.decompress(base64.b85decode(_packed)))\n'
+READABLE_NAME = "train_gpt_readable.py"  # the readable twin shipped beside a compressed train_gpt.py
+
+
+def _strip_docstrings(tree: ast.Module) -> ast.Module:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def _one_space_indent(text: str) -> str:
+    """Re-indent each logical line with one space per level and drop blank lines; lines inside
+    multi-line strings are left alone."""
+    lines = text.splitlines()
+    level, at_start, starts, blank = 0, True, {}, set()
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.INDENT:
+            level += 1
+        elif tok.type == tokenize.DEDENT:
+            level -= 1
+        elif tok.type == tokenize.NEWLINE:
+            at_start = True
+        elif tok.type == tokenize.NL and not tok.line.strip():
+            blank.add(tok.start[0] - 1)
+        elif tok.type not in (tokenize.NL, tokenize.COMMENT, tokenize.ENDMARKER) and at_start:
+            starts[tok.start[0] - 1] = level
+            at_start = False
+    return "\n".join(" " * starts[i] + line.lstrip(" ") if i in starts else line
+                     for i, line in enumerate(lines) if i not in blank) + "\n"
+
+
+def minify(source: str) -> str:
+    """Drop comments, docstrings and blank lines and indent by one space. The result must parse to
+    the same syntax tree as the docstring-free input, else PackError (never a silently different program)."""
+    tree = ast.parse(source)
+    if any(isinstance(n, ast.Attribute) and n.attr == "__doc__" or isinstance(n, ast.Name) and n.id == "__doc__"
+           for n in ast.walk(tree)):
+        raise PackError("the packed source reads __doc__, which minify removes; pack without --compress")
+    tree = _strip_docstrings(tree)
+    expected = ast.dump(tree)
+    out = _one_space_indent(ast.unparse(tree))
+    if ast.dump(ast.parse(out)) != expected:
+        raise PackError("minify changed the program's syntax tree; pack without --compress and report this")
+    return out
+
+
+def compressed_stub(source: str) -> str:
+    """The self-extracting form of `source`: minified, lzma (xz, preset 9e), base85, three lines."""
+    if "_packed" in _top_level_names(ast.parse(source)):
+        raise PackError("the packed source defines `_packed`, the stub's own variable; rename it")
+    data = lzma.compress(minify(source).encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)
+    return STUB_TEMPLATE.format(payload=base64.b85encode(data).decode("ascii"))
+
+
+def write_packed(out_dir: str | Path, defaults: dict, compress: bool = False, force: bool = False) -> dict[str, int]:
+    """Write out_dir/train_gpt.py (the stub when compress, plus the readable twin); -> {path: bytes}.
+
+    Each file is written to a temporary name and renamed, so a failure never leaves a half-built file.
+    """
+    from pgolf.artifact import write_atomic
+
+    out_dir = Path(out_dir)
+    source = packed_source(defaults)
+    files = {"train_gpt.py": compressed_stub(source) if compress else source}
+    if compress:
+        files[READABLE_NAME] = source
+    targets = {out_dir / name: text.encode("utf-8") for name, text in files.items()}
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not force:
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise PackError(f"{', '.join(existing)} already {verb}; pass --force to overwrite or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path, data in targets.items():
+        write_atomic(path, data)
+    stale_twin = out_dir / READABLE_NAME
+    if not compress and stale_twin.exists():  # left by an earlier --compress pack; it no longer matches
+        stale_twin.unlink()
+    return {str(p): len(d) for p, d in targets.items()}
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` pairs -> flags for config.resolve (which rejects unknown keys)."""
+    flags = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise PackError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set num_layers=11")
+        flags[key.strip()] = value
+    return flags
+
+
+def pack_command(argv: list[str]) -> int:
+    import argparse
+
+    from pgolf.config import preset_diff, resolve
+
+    parser = argparse.ArgumentParser(prog="pgolf pack", description="write a self-contained train_gpt.py")
+    parser.add_argument("--preset", default="baseline")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the preset (repeatable)")
+    parser.add_argument("--out", required=True, help="folder for train_gpt.py, e.g. records/<date>_<slug>/")
+    parser.add_argument("--compress", action="store_true",
+                        help=f"train_gpt.py becomes the minified lzma+base85 stub (readable copy: {READABLE_NAME})")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing train_gpt.py")
+    args = parser.parse_args(argv)
+    # Only the preset and --set shape the defaults: the shell's env vars must not leak into the file.
+    cfg = resolve(args.preset, env={}, flags=parse_sets(args.sets))
+    written = write_packed(args.out, preset_diff(cfg), compress=args.compress, force=args.force)
+    for path, size in written.items():
+        print(f"wrote {path}: {size} bytes")
+    print(f"code bytes counted: {written[str(Path(args.out) / 'train_gpt.py')]} (train_gpt.py)")
+    return 0

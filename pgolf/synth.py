@@ -47,7 +47,7 @@ class ZipfWordSource:
         return " ".join(self.words[i] for i in self.rng.choice(len(self.words), n, p=self.probs))
 
 
-def write_synthetic_dataset(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 512, train_docs: int = 12000,
+def write_synthetic_dataset(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 1024, train_docs: int = 12000,
                             val_docs: int = 400, tokenizer_docs: int = 2000) -> dict:
     """Write fineweb_{train,val}_000000.bin, tokenizer.model and synth.json; return the summary."""
     out = Path(out_dir)
@@ -77,5 +77,7 @@ def ensure_synthetic_dataset(out_dir: str | Path, **kw) -> dict:
     """Reuse a complete corpus at out_dir (synth.json is written last), else make it."""
     meta = Path(out_dir) / "synth.json"
     if meta.exists():
-        return json.loads(meta.read_text())
+        found = json.loads(meta.read_text())
+        if all(found.get(k) == v for k, v in kw.items() if k in ("seed", "vocab_size")):
+            return found
     return write_synthetic_dataset(out_dir, **kw)

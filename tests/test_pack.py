@@ -1,0 +1,194 @@
+"""The packed train_gpt.py: it reproduces the package, the compressed stub runs and counts itself,
+packing refuses clashing names, and the shipped file stays under a byte ceiling."""
+from __future__ import annotations
+
+import ast
+import os
+import re
+
+import pytest
+
+from tests.conftest import PYTHON, run_cmd, tiny_env
+from pgolf import pack
+from pgolf.config import FIELD_TYPES, ConfigError, preset_diff, resolve
+from pgolf.runs import load_run
+
+# The baseline's packed train_gpt.py was 71,968 bytes (readable) and 19,779 bytes (compressed stub)
+# when these ceilings were set, about 9% above; raise them deliberately, not by accident.
+BASELINE_PACKED_CEILING = 78_500
+BASELINE_STUB_CEILING = 21_600
+
+
+def code_size_line(run_dir) -> tuple[int, str]:
+    text = (run_dir / "train.log").read_text()
+    match = re.search(r"^Code size: (\d+) bytes \((.+)\)$", text, re.M)
+    assert match, f"no Code size line in {run_dir}/train.log"
+    return int(match.group(1)), match.group(2)
+
+
+def bare_env(out_dir, run_id: str) -> dict:
+    """The caller's env without any hyperparameter: a packed file must run on its baked-in defaults."""
+    names = {n.upper() for n in FIELD_TYPES}
+    env = {k: v for k, v in os.environ.items() if k not in names and not k.startswith("PGOLF_")}
+    env.update(OUT_DIR=str(out_dir), RUN_ID=run_id, OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def packed_runs(tiny_data, tmp_path_factory):
+    """One tiny run each of the package, the packed file and the compressed stub (same settings)."""
+    data_dir, _ = tiny_data
+    root = tmp_path_factory.mktemp("packed")
+    runs = root / "runs"
+    env = tiny_env(data_dir, runs, RUN_ID="package")
+    defaults = preset_diff(resolve(env=env))
+    pack.write_packed(root / "plain", defaults)
+    pack.write_packed(root / "stub", defaults, compress=True)
+    run_cmd([PYTHON, "-m", "pgolf.train"], env)
+    run_cmd([PYTHON, "train_gpt.py"], bare_env(runs, "plain"), cwd=root / "plain")
+    run_cmd([PYTHON, "train_gpt.py"], bare_env(runs, "stub"), cwd=root / "stub")
+    return root, {name: load_run(runs / name) for name in ("package", "plain", "stub")}
+
+
+@pytest.mark.slow
+def test_packed_file_reproduces_the_package(packed_runs):
+    root, runs = packed_runs
+    losses = {name: run.series("train", "train_loss")[2] for name, run in runs.items()}
+    assert len(losses["package"]) == 8
+    assert losses["plain"] == losses["package"]  # bit-identical, not approximately equal
+    assert losses["stub"] == losses["package"]
+    for name in ("plain", "stub"):
+        assert runs[name].final["val_bpb"] == runs["package"].final["val_bpb"]
+        assert runs[name].final["val_loss"] == runs["package"].final["val_loss"]
+        assert runs[name].final["bytes_model"] == runs["package"].final["bytes_model"]
+
+
+@pytest.mark.slow
+def test_code_size_is_the_running_files_bytes(packed_runs):
+    root, runs = packed_runs
+    plain = len((root / "plain" / "train_gpt.py").read_bytes())
+    stub = len((root / "stub" / "train_gpt.py").read_bytes())
+    assert code_size_line(runs["plain"].path) == (plain, "train_gpt.py")
+    assert code_size_line(runs["stub"].path) == (stub, "train_gpt.py")
+    # the package counts the file `pgolf pack` would write with its settings: the same bytes
+    assert code_size_line(runs["package"].path) == (plain, "packed train_gpt.py")
+    for name, size in (("plain", plain), ("stub", stub)):
+        final = runs[name].final
+        assert final["bytes_code"] == size
+        assert final["bytes_total"] == final["bytes_model"] + size
+    assert stub < 0.35 * plain
+
+
+def test_packed_source_is_self_contained():
+    source = pack.packed_source({"num_layers": 3})
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert not (node.module or "").startswith("pgolf"), ast.unparse(node)
+        if isinstance(node, ast.Import):
+            assert not any(a.name.startswith("pgolf") for a in node.names), ast.unparse(node)
+    assert "PRESETS['packed'] = {'num_layers': 3}" in source
+    assert "DEFAULT_PRESET = 'packed'" in source
+    assert "PACKED_SINGLE_FILE = True" in source
+    assert source.rstrip().endswith("main()")
+
+
+def test_stub_decodes_to_the_minified_source():
+    source = pack.packed_source({})
+    stub = pack.compressed_stub(source)
+    lines = stub.splitlines()
+    assert len(lines) == 3 and lines[0] == "import lzma,base64"
+    namespace: dict = {}
+    exec(lines[0] + "\n" + lines[1], namespace)  # defines _packed without running the trainer
+    import base64
+    import lzma
+
+    assert lzma.decompress(base64.b85decode(namespace["_packed"])).decode() == pack.minify(source)
+
+
+def test_minify_strips_comments_docstrings_and_blank_lines():
+    source = '''"""Module doc."""
+import os  # a comment
+
+
+def only_doc():
+    """Nothing but a docstring."""
+
+
+class Thing:
+    """Class doc."""
+
+    TEXT = """line one
+    line two"""
+
+    def method(self, x):
+        # explain
+        if x:
+            return self.TEXT
+
+        return os.sep
+'''
+    expected = ('import os\ndef only_doc():\n pass\nclass Thing:\n TEXT = \'line one\\n    line two\'\n'
+                ' def method(self, x):\n  if x:\n   return self.TEXT\n  return os.sep\n')
+    out = pack.minify(source)
+    assert out == expected
+    scope: dict = {}
+    exec(out, scope)
+    assert scope["Thing"]().method(1) == "line one\n    line two"
+    assert scope["only_doc"]() is None
+    with pytest.raises(pack.PackError, match="reads __doc__"):
+        pack.minify('"""Usage: x."""\nprint(__doc__)\n')
+
+
+def test_duplicate_top_level_name_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "alpha.py").write_text("from pgolf.beta import other\n\ndef helper():\n    return 1\n")
+    (tmp_path / "beta.py").write_text("helper = 2\n\ndef other():\n    return 3\n")
+    monkeypatch.setattr(pack, "PACKAGE_DIR", tmp_path)
+    monkeypatch.setattr(pack, "PACKED_MODULES", ["alpha", "beta"])
+    with pytest.raises(pack.PackError, match=r"`helper` is defined at top level in both pgolf/alpha.py and pgolf/beta"):
+        pack.packed_source({})
+    (tmp_path / "beta.py").write_text("def other():\n    return 3\n")
+    source = pack.packed_source({})
+    assert "pgolf" not in source.split('"""', 2)[2]  # the import was removed, nothing else mentions it
+    (tmp_path / "beta.py").write_text("import pgolf.alpha\n")
+    with pytest.raises(pack.PackError, match=r"pgolf/beta.py:1: use `from pgolf.x import name`"):
+        pack.packed_source({})
+
+
+def test_pack_command_writes_validates_and_refuses_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NUM_LAYERS", "5")  # the shell's env must not leak into the packed defaults
+    out = tmp_path / "records" / "2026-01-01_test"
+    with pytest.raises(ConfigError, match="unknown setting --bogus"):
+        pack.pack_command(["--preset", "smoke", "--set", "bogus=1", "--out", str(out)])
+    assert not out.exists()
+    assert pack.pack_command(["--preset", "smoke", "--set", "num_layers=3", "--out", str(out)]) == 0
+    text = (out / "train_gpt.py").read_text()
+    assert "'num_layers': 3" in text and "'num_layers': 5" not in text
+    assert f"code bytes counted: {len(text.encode())} (train_gpt.py)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"train_gpt.py already exists; pass --force"):
+        pack.pack_command(["--preset", "smoke", "--out", str(out)])
+    assert (out / "train_gpt.py").read_text() == text  # untouched
+    assert pack.pack_command(["--preset", "smoke", "--out", str(out), "--compress", "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["train_gpt.py", "train_gpt_readable.py"]  # no temp files
+    assert len((out / "train_gpt.py").read_bytes()) < 0.35 * len((out / "train_gpt_readable.py").read_bytes())
+
+
+def test_baseline_packed_file_stays_under_its_ceiling():
+    source = pack.packed_source(preset_diff(resolve("baseline", env={})))
+    size = len(source.encode("utf-8"))
+    assert size <= BASELINE_PACKED_CEILING, f"packed baseline train_gpt.py grew to {size} bytes"
+    stub = len(pack.compressed_stub(source).encode("utf-8"))
+    assert stub <= BASELINE_STUB_CEILING, f"compressed baseline train_gpt.py grew to {stub} bytes"
+
+
+@pytest.mark.slow
+def test_packed_file_runs_under_torchrun(packed_runs, tiny_data):
+    root, runs = packed_runs
+    env = bare_env(runs["plain"].path.parent, "torchrun2")
+    run_cmd([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py"],
+            env, cwd=root / "stub")
+    run = load_run(runs["plain"].path.parent / "torchrun2")
+    single = runs["plain"].series("train", "train_loss")[2]
+    assert run.series("train", "train_loss")[2] == pytest.approx(single, abs=1e-4)
+    assert run.final["val_bpb"] == pytest.approx(runs["plain"].final["val_bpb"], abs=1e-4)
+    assert code_size_line(run.path) == (len((root / "stub" / "train_gpt.py").read_bytes()), "train_gpt.py")
