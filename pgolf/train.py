@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import os
 import platform
 import subprocess
 import sys

@@ -13,15 +13,6 @@ from pgolf.train import run
 from tests.conftest import tiny_env
 
 
-@pytest.fixture
-def one_thread():
-    """In-process tiny runs on a busy 2-core machine: one intra-op thread is ~10x faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Tiny(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -54,7 +45,7 @@ def test_swa_average_of_known_tensors():
     assert int(model.steps) == 7  # integer buffers are not averaged
 
 
-def test_swa_in_a_training_run(tiny_data, tmp_path, one_thread):
+def test_swa_in_a_training_run(tiny_data, tmp_path):
     """6 steps, warmdown 3, SWA every step: lr_mul < 1 on steps 5 (0.667) and 6 (0.333): 2 checkpoints."""
     data_dir, _ = tiny_data
     env = tiny_env(data_dir, tmp_path, RUN_ID="swa", ITERATIONS=6, WARMDOWN_ITERS=3, SWA_EVERY=1,

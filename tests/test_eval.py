@@ -24,15 +24,6 @@ from pgolf.train import Evaluator
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the machine is shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_gpt(vocab: int = VOCAB, seed: int = 0, layers: int = 2, dim: int = 32) -> GPT:
     """A tiny GPT whose zero-initialised projections get random weights, so outputs depend on context."""
     torch.manual_seed(seed)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from pgolf.data import read_shard
-from pgolf.eval import ByteTables, byte_tables, evaluate, load_sentencepiece
+from pgolf.eval import byte_tables, evaluate, load_sentencepiece
 
 PIECES = ["<pad>", "<s>", "</s>", "<unk>", "<0x41>", "\u2581the", "cat", "\u2581\u00e9", "<unused>"]
 

@@ -44,14 +44,6 @@ def meta_model(cfg) -> GPT:
         return GPT(model_config(cfg))
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", sorted(SEED_VALUES))
 def test_seed_presets_carry_the_record_values(name):
     cfg = resolve(name, env={})
@@ -86,7 +78,7 @@ def test_full_size_qat_covers_every_attention_and_mlp_matrix(name):
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_trains_a_step_at_tiny_size(name, tiny_data, tmp_path, one_thread):
+def test_every_preset_trains_a_step_at_tiny_size(name, tiny_data, tmp_path):
     data_dir, _ = tiny_data
     env = tiny_env(data_dir, tmp_path, RUN_ID=name, ITERATIONS=2, WARMDOWN_ITERS=1, VAL_MAX_TOKENS=2049,
                    TRAIN_BATCH_TOKENS=1024)

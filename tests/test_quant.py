@@ -18,15 +18,6 @@ KEEP = ["tok_emb"]
 TINY = GPTConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=3.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a busy 2-core machine: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def noisy_model(cfg: GPTConfig = TINY, std: float = 0.05) -> GPT:
     """A model whose matrices are all non-zero (the zero-initialised projections included)."""
     model = GPT(cfg)
