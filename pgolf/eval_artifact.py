@@ -148,6 +148,7 @@ def main(argv: list[str]) -> int:
             sw = evaluator.sliding(model, hidden_fn)
             log_eval(log, "final_sliding_window", sw, f"stride:{cfg.eval_stride} seq_len:{evaluator.eval_seq_len} ")
             log_stats(log, "final_sliding_window", sw)
+        d.barrier()  # no rank tears down its communicator while another still uses it
     finally:
         teardown_dist(d)
     return 0

@@ -390,7 +390,9 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
 def run(cfg: Hyperparameters) -> dict:
     d = setup_dist()
     try:
-        return train(cfg, d)
+        final = train(cfg, d)
+        d.barrier()  # no rank tears down its communicator while another still uses it
+        return final
     finally:
         teardown_dist(d)
 

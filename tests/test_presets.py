@@ -28,7 +28,7 @@ SEED_VALUES = {
                         muon_weight_decay=0.038, quant_format="int6_zstd", eval_stride=64),
 }
 # Exact parameter counts of the full-size models (the seeds report 21.8M for both 9-layer stacks).
-FULL_PARAMS = {"baseline": 17_059_912, "smoke": 90_696, "seed137": 21_778_504, "seed170": 21_779_017,
+FULL_PARAMS = {"baseline": 17_059_912, "smoke": 123_464, "seed137": 21_778_504, "seed170": 21_779_017,
                "seed170-11l": 26_502_233}
 
 
