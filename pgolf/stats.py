@@ -114,10 +114,20 @@ def _describe(name: str, runs) -> str:
             + "".join(f"\n    {r.path}  val_loss {r.final['val_loss']:.5f}" for r in runs))
 
 
-def significance_command(argv: list[str]) -> int:
-    """Exit code 0 when significant, 1 when not, 2 on bad input."""
+def _load_group(paths: list[str], name: str, what: str, hint: str) -> list:
+    """A group's runs: at least 2, one configuration; prints its summary."""
     from pgolf.runs import check_same_config, load_runs
 
+    runs = load_runs(paths)
+    if len(runs) < 2:
+        raise ValueError(f"a t-test needs at least 2 {what}, got {len(runs)} ({paths[0]}); {hint}")
+    check_same_config(runs, f"group {name}")
+    print(_describe(name, runs))
+    return runs
+
+
+def significance_command(argv: list[str]) -> int:
+    """Exit code 0 when significant, 1 when not, 2 on bad input."""
     parser = argparse.ArgumentParser(prog="pgolf significance", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders of the candidate configuration (A)")
     ref = parser.add_mutually_exclusive_group(required=True)
@@ -125,20 +135,10 @@ def significance_command(argv: list[str]) -> int:
     ref.add_argument("--vs-value", type=float, metavar="X", help="a published reference mean val_loss")
     parser.add_argument("--min-gain-nats", type=float, default=DEFAULT_MIN_GAIN)
     args = parser.parse_args(argv)
-    a = load_runs(args.runs)
-    if len(a) < 2:
-        raise ValueError(f"a t-test needs at least 2 runs of the candidate, got {len(a)} ({args.runs[0]}); "
-                         "run more seeds (pgolf seeds)")
-    check_same_config(a, "group A")
-    print(_describe("A", a))
+    a = _load_group(args.runs, "A", "runs of the candidate", "run more seeds (pgolf seeds)")
     losses = [r.final["val_loss"] for r in a]
     if args.vs:
-        b = load_runs(args.vs)
-        if len(b) < 2:
-            raise ValueError(f"a Welch t-test needs at least 2 reference runs, got {len(b)} ({args.vs[0]}); "
-                             "or compare with a published mean via --vs-value")
-        check_same_config(b, "group B")
-        print(_describe("B", b))
+        b = _load_group(args.vs, "B", "reference runs", "or compare with a published mean via --vs-value")
         result = welch_improvement(losses, [r.final["val_loss"] for r in b], args.min_gain_nats)
         test, ref_name = "Welch t", "mean(B)"
     else:
