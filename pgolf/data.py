@@ -129,7 +129,7 @@ def load_tokens(pattern: str, vocab_size: int | None = None, max_tokens: int = 0
 
 def load_byte_sidecar(data_path: str, num_tokens: int, max_tokens: int = 0) -> np.ndarray | None:
     """Per-token original byte counts (fineweb_val_bytes_*.bin), when the dataset ships them."""
-    pattern = os.path.join(data_path, "fineweb_val_bytes_*.bin")
+    pattern = sidecar_pattern(data_path)
     if not glob.glob(pattern):
         return None
     counts = load_tokens(pattern, max_tokens=max_tokens)
@@ -145,3 +145,7 @@ def train_pattern(data_path: str) -> str:
 
 def val_pattern(data_path: str) -> str:
     return os.path.join(data_path, "fineweb_val_[0-9]*.bin")
+
+
+def sidecar_pattern(data_path: str) -> str:
+    return os.path.join(data_path, "fineweb_val_bytes_*.bin")

@@ -7,11 +7,12 @@ coverage 0.999. Each document is encoded as [BOS] + tokens, with no EOS.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from pgolf.artifact import write_atomic
 
 BOS_TOKEN = 1
 
@@ -38,9 +39,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str |
     sp = spm.SentencePieceProcessor(model_proto=blob.getvalue())
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
     for path, data in ((model_path.with_suffix(".vocab"), vocab.encode()), (model_path, blob.getvalue())):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
     return model_path
 
 

@@ -9,11 +9,11 @@ but not beat it, which makes the corpus a check that training actually learns.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from pgolf.artifact import write_atomic
 from pgolf.data import write_shard
 from pgolf.spm import encode_document, train_sentencepiece
 
@@ -67,9 +67,7 @@ def write_synthetic_dataset(out_dir: str | Path, *, seed: int = 0, vocab_size: i
         write_shard(out / f"fineweb_{split}_000000.bin", tokens)
         summary[f"{split}_docs"], summary[f"{split}_tokens"] = len(docs), int(tokens.size)
         summary[f"{split}_bytes"] = sum(len(t.encode()) for t in docs)
-    tmp = out / "synth.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out / "synth.json")
+    write_atomic(out / "synth.json", json.dumps(summary, indent=1).encode())  # written last: marks completeness
     return summary
 
 

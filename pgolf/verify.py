@@ -23,15 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.data import ShardError, read_shard, train_pattern, val_pattern, write_shard
+from pgolf.data import ShardError, read_shard, sidecar_pattern, train_pattern, val_pattern, write_shard
 from pgolf.download import MANIFEST_NAME, dataset_entry, tokenizer_entry
 from pgolf.eval import ByteTables, byte_tables, load_sentencepiece
 from pgolf.spm import BOS_TOKEN
 
 PREPARE_FORMAT = "pgolf-prepare/1"
 TOKENIZER_NAME = "tokenizer.model"
-# the files pgolf.data.load_byte_sidecar reads (kept out of data.py, which ships inside train_gpt.py)
-SIDECAR_GLOB = "fineweb_val_bytes_*.bin"
 DECODE_BATCH_TOKENS = 1 << 20  # bounds the Python lists handed to the decoder
 COUNT_CHUNK = 1 << 22
 
@@ -277,7 +275,7 @@ class _SplitChecker:
 
 
 def _check_sidecars(data_dir: Path, val_files: list[str], report: Report) -> None:
-    sidecars = sorted(glob.glob(str(data_dir / SIDECAR_GLOB)))
+    sidecars = sorted(glob.glob(sidecar_pattern(str(data_dir))))
     if not sidecars:
         return
     if len(sidecars) != len(val_files):
