@@ -7,7 +7,6 @@ runs packed as train_gpt.py, otherwise the packed form the package would emit.
 from __future__ import annotations
 
 import io
-import os
 import sys
 import zlib
 from pathlib import Path
@@ -60,13 +59,6 @@ def serialize(state: dict[str, torch.Tensor], model_config: dict, fmt: str, cont
     payload = buf.getvalue()
     codec = CODECS[fmt]
     return MAGIC + codec.encode() + b"\0" + compress(payload, codec), len(payload)
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:

@@ -164,3 +164,62 @@ def evaluate(model, tokens: np.ndarray, tables: ByteTables | None, *, seq_len: i
     nats, ntargets, nbytes, forwards = sums.tolist()
     return EvalResult(val_loss=nats / ntargets, val_bpb=nats / (math.log(2) * nbytes), targets=int(ntargets),
                       bytes=int(nbytes), token_forwards=int(forwards), seconds=time.perf_counter() - t0)
+
+
+def load_validation(data_path: str, tokenizer_path: str, vocab_size: int, max_tokens: int, log):
+    """The val split's tokens, the tokenizer's byte tables and the byte sidecar (None without one)."""
+    from pgolf.data import load_byte_sidecar, load_tokens, val_pattern
+
+    sp = load_sentencepiece(tokenizer_path)
+    if sp.vocab_size() > vocab_size:
+        raise ValueError(f"{tokenizer_path}: tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE="
+                         f"{vocab_size}; set VOCAB_SIZE to at least the tokenizer's size")
+    tables = byte_tables(sp, vocab_size)
+    tokens = load_tokens(val_pattern(data_path), vocab_size, max_tokens)
+    sidecar = load_byte_sidecar(data_path, len(tokens), max_tokens)
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={tokenizer_path}"
+        + (" byte_sidecar:enabled" if sidecar is not None else ""))
+    log(f"val_loader:shards pattern={val_pattern(data_path)} tokens:{len(tokens)}")
+    return tokens, tables, sidecar
+
+
+class Evaluator:
+    """The run's two evaluations over one val stream: standard (the challenge's non-overlapping
+    seq_len blocks, partial last block dropped) and sliding window (eval_seq_len windows, stride)."""
+
+    def __init__(self, d, tokens: np.ndarray, tables: ByteTables, sidecar: np.ndarray | None,
+                 autocast_dtype: torch.dtype | None, *, seq_len: int, batch_tokens: int, eval_seq_len: int,
+                 stride: int, batch_seqs: int, progress: bool = False):
+        self.d, self.tables, self.autocast_dtype = d, tables, autocast_dtype
+        self.seq_len = seq_len
+        usable = (len(tokens) - 1) // seq_len * seq_len + 1  # the challenge drops the partial block
+        if usable < seq_len + 1:
+            raise ValueError(f"validation split has {len(tokens)} tokens, fewer than TRAIN_SEQ_LEN+1={seq_len + 1}")
+        self.tokens, self.sidecar = tokens, sidecar
+        self.std_tokens = tokens[:usable]
+        self.std_sidecar = None if sidecar is None else sidecar[:usable]
+        self.std_batch = max(1, batch_tokens // (8 * seq_len))  # the reference's per-rank batch of 8 micro-steps
+        self.eval_seq_len = eval_seq_len or seq_len
+        self.stride, self.sliding_batch, self.progress = stride, batch_seqs, progress
+
+    def _run(self, model, tokens, sidecar, seq_len, stride, batch, hidden_fn=None):
+        return evaluate(model, tokens, self.tables, seq_len=seq_len, stride=stride, batch_seqs=batch,
+                        rank=self.d.rank, world_size=self.d.world_size, all_reduce=self.d.all_reduce,
+                        byte_counts=sidecar, autocast_dtype=self.autocast_dtype, hidden_fn=hidden_fn,
+                        progress=self.progress)
+
+    def standard(self, model, hidden_fn=None) -> EvalResult:
+        return self._run(model, self.std_tokens, self.std_sidecar, self.seq_len, self.seq_len, self.std_batch,
+                         hidden_fn)
+
+    def sliding(self, model, hidden_fn=None) -> EvalResult:
+        return self._run(model, self.tokens, self.sidecar, self.eval_seq_len, self.stride, self.sliding_batch,
+                         hidden_fn)
+
+
+def log_eval(log, name: str, r: EvalResult, extra: str = "") -> None:
+    """The challenge's pair of eval lines (4 and 8 decimals) plus the metrics record."""
+    log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} {extra}eval_time:{1000 * r.seconds:.0f}ms")
+    log(f"{name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+    log.metric(name, val_loss=r.val_loss, val_bpb=r.val_bpb, eval_time_ms=1000 * r.seconds, targets=r.targets,
+               bytes=r.bytes, token_forwards=r.token_forwards)

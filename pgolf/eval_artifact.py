@@ -19,10 +19,9 @@ import torch
 
 from pgolf.artifact import ROUNDTRIP_LOG_NAMES, load_artifact
 from pgolf.config import FIELD_TYPES, Hyperparameters
-from pgolf.dist import setup_dist, teardown_dist
-from pgolf.eval import load_sentencepiece
+from pgolf.dist import resolve_execution, setup_dist, teardown_dist
+from pgolf.eval import Evaluator, load_sentencepiece, load_validation, log_eval
 from pgolf.model import GPT, GPTConfig
-from pgolf.train import Evaluator, load_validation, log_eval, resolve_execution
 
 DEFAULT_STRIDE = 64
 
@@ -131,12 +130,14 @@ def main(argv: list[str]) -> int:
     d = setup_dist()
     try:
         log = ConsoleLog(d.is_main)
-        use_compile, autocast_dtype = resolve_execution(cfg, d)
+        use_compile, autocast_dtype = resolve_execution(cfg.compile, cfg.autocast, d.device)
         use_compile = use_compile and d.device.type == "cuda"  # on CPU compiling costs more than it saves
         log(f"eval_artifact:{args.artifact} format:{fmt} bytes:{Path(args.artifact).stat().st_size} "
             f"model:{json.dumps(model_config, sort_keys=True)}")
-        tokens, tables, sidecar = load_validation(cfg, log)
-        evaluator = Evaluator(cfg, d, tokens, tables, sidecar, autocast_dtype)
+        tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, cfg.val_max_tokens, log)
+        evaluator = Evaluator(d, tokens, tables, sidecar, autocast_dtype, seq_len=cfg.train_seq_len,
+                              batch_tokens=cfg.val_batch_size, eval_seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,
+                              batch_seqs=cfg.eval_batch_seqs, progress=d.is_main and sys.stderr.isatty())
         model = model.to(d.device)
         hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else None
         log(f"world_size:{d.world_size} device:{d.device} compile:{use_compile} autocast:{autocast_dtype}")

@@ -17,8 +17,10 @@ import lzma
 import tokenize
 from pathlib import Path
 
+from pgolf.fileio import write_atomic
+
 PACKAGE_DIR = Path(__file__).resolve().parent
-PACKED_MODULES = ["config", "dist", "data", "quant", "model", "eval", "optim", "schedule", "averaging",
+PACKED_MODULES = ["config", "fileio", "dist", "data", "quant", "model", "eval", "optim", "schedule", "averaging",
                   "artifact", "train"]
 
 
@@ -154,8 +156,6 @@ def write_packed(out_dir: str | Path, defaults: dict, compress: bool = False, fo
 
     Each file is written to a temporary name and renamed, so a failure never leaves a half-built file.
     """
-    from pgolf.artifact import write_atomic
-
     out_dir = Path(out_dir)
     source = packed_source(defaults)
     files = {"train_gpt.py": compressed_stub(source) if compress else source}

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from pgolf.artifact import write_atomic
+from pgolf.fileio import write_atomic
 from pgolf.data import write_shard
 from pgolf.download import MANIFEST_NAME
 from pgolf.eval import byte_tables, load_sentencepiece

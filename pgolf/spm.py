@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
-from pgolf.artifact import write_atomic
+from pgolf.fileio import write_atomic
 
 BOS_TOKEN = 1
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf.artifact import write_atomic
+from pgolf.fileio import write_atomic
 from pgolf.data import write_shard
 from pgolf.spm import encode_document, train_sentencepiece
 

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from pgolf.artifact import (ARTIFACT_NAMES, PACKED_SINGLE_FILE, ROUNDTRIP_LOG_NAMES, SIZE_LABELS, budget_line,
-                            code_bytes, load_artifact, serialize, write_atomic)
+                            code_bytes, load_artifact, serialize)
 from pgolf.averaging import SWA
 from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve, to_dict
-from pgolf.data import DistributedTokenLoader, load_byte_sidecar, load_tokens, train_pattern, val_pattern
-from pgolf.dist import Dist, setup_dist, teardown_dist
-from pgolf.eval import byte_tables, evaluate, load_sentencepiece
+from pgolf.data import DistributedTokenLoader, train_pattern
+from pgolf.dist import Dist, resolve_execution, setup_dist, teardown_dist
+from pgolf.eval import Evaluator, load_validation, log_eval
+from pgolf.fileio import write_atomic
 from pgolf.model import GPT, GPTConfig, mark_qat, set_qat_gate
 from pgolf.optim import build_optimizers
 from pgolf.quant import int6_weight_names, split_patterns
@@ -93,57 +94,11 @@ def open_run(cfg: Hyperparameters, d: Dist) -> tuple[Path, RunLog]:
     return run_dir, log
 
 
-def load_validation(cfg: Hyperparameters, log: RunLog):
-    sp = load_sentencepiece(cfg.tokenizer_path)
-    if sp.vocab_size() > cfg.vocab_size:
-        raise ValueError(f"{cfg.tokenizer_path}: tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE="
-                         f"{cfg.vocab_size}; set VOCAB_SIZE to at least the tokenizer's size")
-    tables = byte_tables(sp, cfg.vocab_size)
-    tokens = load_tokens(val_pattern(cfg.data_path), cfg.vocab_size, cfg.val_max_tokens)
-    sidecar = load_byte_sidecar(cfg.data_path, len(tokens), cfg.val_max_tokens)
-    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={cfg.tokenizer_path}"
-        + (" byte_sidecar:enabled" if sidecar is not None else ""))
-    log(f"val_loader:shards pattern={val_pattern(cfg.data_path)} tokens:{len(tokens)}")
-    return tokens, tables, sidecar
-
-
-class Evaluator:
-    """Standard (challenge) and sliding-window evaluation with the run's geometry."""
-
-    def __init__(self, cfg: Hyperparameters, d: Dist, tokens: np.ndarray, tables, sidecar, autocast_dtype):
-        self.d, self.tables, self.autocast_dtype = d, tables, autocast_dtype
-        self.seq_len = cfg.train_seq_len
-        usable = (len(tokens) - 1) // self.seq_len * self.seq_len + 1  # the challenge drops the partial block
-        if usable < self.seq_len + 1:
-            raise ValueError(f"validation split has {len(tokens)} tokens, fewer than TRAIN_SEQ_LEN+1")
-        self.tokens, self.sidecar = tokens, sidecar
-        self.std_tokens = tokens[:usable]
-        self.std_sidecar = None if sidecar is None else sidecar[:usable]
-        self.std_batch = max(1, cfg.val_batch_size // (8 * self.seq_len))
-        self.eval_seq_len = cfg.eval_seq_len or cfg.train_seq_len
-        self.stride, self.sliding_batch = cfg.eval_stride, cfg.eval_batch_seqs
-        self.progress = cfg.progress == "1" or (cfg.progress == "auto" and sys.stdout.isatty() and d.is_main)
-
-    def _run(self, model, tokens, sidecar, seq_len, stride, batch, hidden_fn=None):
-        return evaluate(model, tokens, self.tables, seq_len=seq_len, stride=stride, batch_seqs=batch,
-                        rank=self.d.rank, world_size=self.d.world_size, all_reduce=self.d.all_reduce,
-                        byte_counts=sidecar, autocast_dtype=self.autocast_dtype, hidden_fn=hidden_fn,
-                        progress=self.progress)
-
-    def standard(self, model, hidden_fn=None):
-        return self._run(model, self.std_tokens, self.std_sidecar, self.seq_len, self.seq_len, self.std_batch,
-                         hidden_fn)
-
-    def sliding(self, model, hidden_fn=None):
-        return self._run(model, self.tokens, self.sidecar, self.eval_seq_len, self.stride, self.sliding_batch,
-                         hidden_fn)
-
-
-def resolve_execution(cfg: Hyperparameters, d: Dist) -> tuple[bool, torch.dtype | None]:
-    cuda = d.device.type == "cuda"
-    use_compile = cfg.compile == "1" or (cfg.compile == "auto" and cuda)
-    autocast = torch.bfloat16 if cfg.autocast == "bf16" or (cfg.autocast == "auto" and cuda) else None
-    return use_compile, autocast
+def build_evaluator(cfg: Hyperparameters, d: Dist, tokens, tables, sidecar, autocast_dtype) -> Evaluator:
+    show = cfg.progress == "1" or (cfg.progress == "auto" and sys.stdout.isatty() and d.is_main)
+    return Evaluator(d, tokens, tables, sidecar, autocast_dtype, seq_len=cfg.train_seq_len,
+                     batch_tokens=cfg.val_batch_size, eval_seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,
+                     batch_seqs=cfg.eval_batch_seqs, progress=show)
 
 
 def build_model(cfg: Hyperparameters, device: torch.device) -> GPT:
@@ -223,13 +178,6 @@ class Timer:
         return self.total_ms + (1000.0 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
 
 
-def log_eval(log: RunLog, name: str, r, extra: str = "") -> None:
-    log(f"{name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} {extra}eval_time:{1000 * r.seconds:.0f}ms")
-    log(f"{name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
-    log.metric(name, val_loss=r.val_loss, val_bpb=r.val_bpb, eval_time_ms=1000 * r.seconds, targets=r.targets,
-               bytes=r.bytes, token_forwards=r.token_forwards)
-
-
 def train(cfg: Hyperparameters, d: Dist) -> dict:
     """Train, export, read the artifact back and score it. Returns the final metrics."""
     # 1. run folder, log, seeds, data
@@ -237,10 +185,11 @@ def train(cfg: Hyperparameters, d: Dist) -> dict:
     run_dir, log = open_run(cfg, d)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    use_compile, autocast_dtype = resolve_execution(cfg, d)
+    use_compile, autocast_dtype = resolve_execution(cfg.compile, cfg.autocast, d.device)
     grad_accum = 8 // d.world_size
-    val_tokens, tables, sidecar = load_validation(cfg, log)
-    evaluator = Evaluator(cfg, d, val_tokens, tables, sidecar, autocast_dtype)
+    val_tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size,
+                                                  cfg.val_max_tokens, log)
+    evaluator = build_evaluator(cfg, d, val_tokens, tables, sidecar, autocast_dtype)
     loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
     log(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(loader.stream.files)}")
 
@@ -373,7 +322,7 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
     fresh = GPT(GPTConfig(**model_cfg)).to(d.device)
     fresh.load_state_dict(state_rt, strict=True)
     name = ROUNDTRIP_LOG_NAMES[cfg.quant_format]
-    hidden_fn = torch.compile(fresh.hidden, dynamic=False) if resolve_execution(cfg, d)[0] else None
+    hidden_fn = torch.compile(fresh.hidden, dynamic=False) if resolve_execution(cfg.compile, cfg.autocast, d.device)[0] else None
     rt = evaluator.standard(fresh, hidden_fn)
     log_eval(log, name, rt)
     out = dict(val_loss=rt.val_loss, val_bpb=rt.val_bpb, roundtrip_val_loss=rt.val_loss, roundtrip_val_bpb=rt.val_bpb,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pgolf import budget
-from pgolf.artifact import serialize, write_atomic
+from pgolf.artifact import serialize
+from pgolf.fileio import write_atomic
 from pgolf.config import resolve
 from pgolf.model import GPT
 from pgolf.quant import quantize_state, split_patterns

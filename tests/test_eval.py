@@ -14,12 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pgolf.artifact import MAGIC, load_artifact, serialize, write_atomic
+from pgolf.artifact import MAGIC, load_artifact, serialize
+from pgolf.fileio import write_atomic
 from pgolf.config import Hyperparameters
 from pgolf.dist import Dist
-from pgolf.eval import ByteTables, byte_tables, evaluate, load_sentencepiece, window_plan
+from pgolf.eval import ByteTables, Evaluator, byte_tables, evaluate, load_sentencepiece, window_plan
 from pgolf.model import GPT, GPTConfig
-from pgolf.train import Evaluator
 
 VOCAB = 64
 
@@ -182,14 +182,14 @@ def test_stride_equal_seq_len_is_the_standard_eval():
 
 def test_evaluator_standard_and_sliding_agree_at_stride_seq_len():
     model, tables = tiny_gpt(), random_tables()
-    cfg = Hyperparameters(train_seq_len=16, eval_stride=16, eval_batch_seqs=4, val_batch_size=8 * 16 * 4, progress="0")
+    geometry = dict(seq_len=16, batch_tokens=8 * 16 * 4, eval_seq_len=0, stride=16, batch_seqs=4)
     aligned = random_stream(16 * 7 + 1, seed=4)
-    ev = Evaluator(cfg, Dist(), aligned, tables, None, None)
+    ev = Evaluator(Dist(), aligned, tables, None, None, **geometry)
     std, sw = ev.standard(model), ev.sliding(model)
     assert (std.val_loss, std.val_bpb, std.targets, std.bytes) == (sw.val_loss, sw.val_bpb, sw.targets, sw.bytes)
     # Off the grid the standard eval drops the partial block; the sliding one scores it once more.
     ragged = random_stream(16 * 7 + 10, seed=4)
-    ev = Evaluator(cfg, Dist(), ragged, tables, None, None)
+    ev = Evaluator(Dist(), ragged, tables, None, None, **geometry)
     std, sw = ev.standard(model), ev.sliding(model)
     assert (std.targets, sw.targets) == (16 * 7, 16 * 7 + 9)
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgolf.artifact import load_artifact, serialize, write_atomic
+from pgolf.artifact import load_artifact, serialize
+from pgolf.fileio import write_atomic
 from pgolf.model import GPT, CastedLinear, GPTConfig, mark_qat, set_qat_gate
 from pgolf.quant import (INT6_MAX, SMALL_TENSOR_NUMEL, export_kind, fake_quantize, int6_weight_names,
                          quantize_rows, quantize_state, split_patterns)
