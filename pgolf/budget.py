@@ -25,6 +25,7 @@ import torch
 
 from pgolf.artifact import CODECS, SIZE_LIMIT, compress, load_artifact, serialize
 from pgolf.config import Hyperparameters, preset_diff, resolve
+from pgolf.model import GPT, GPTConfig
 from pgolf.quant import export_kind, quantize_state, split_patterns
 
 SAMPLE_ELEMENTS = 1 << 18  # rows of a tensor sampled for a ratio (more than the 65,536 small-tensor cut)
@@ -41,11 +42,8 @@ def tensor_role(name: str, control: list[str]) -> str:
 
 def model_shapes(cfg: Hyperparameters) -> dict[str, torch.Tensor]:
     """The state dict as meta tensors (shapes and dtypes only)."""
-    from pgolf.model import GPT
-    from pgolf.train import model_config
-
     with torch.device("meta"):
-        return dict(GPT(model_config(cfg)).state_dict())
+        return dict(GPT(cfg.part(GPTConfig)).state_dict())
 
 
 def stored_bytes(kind: str, t: torch.Tensor) -> int:

@@ -1,15 +1,21 @@
-"""Hyperparameters: one flat dataclass, named presets, and the env/flag resolution.
+"""Hyperparameters: one flat set of settings, named presets, and the env/flag resolution.
 
-Field names are the challenge's env-var names in lower case, so `NUM_LAYERS=11 pgolf train` works
-as it does with the reference script. Precedence, lowest first: field default, preset, env vars
-(`NAME` or `PGOLF_NAME`), `--name=value` flags. Unknown `PGOLF_*` env vars and unknown flags are
-errors. Only the entry point reads this; components take explicit arguments.
+Each setting is defined once, in the settings dataclass of the component it configures (GPTConfig in
+model.py, MuonConfig/AdamConfig in optim.py, the run-level groups below); `Hyperparameters` inherits
+them all, so the names stay one flat namespace: the challenge's env-var names in lower case, so
+`NUM_LAYERS=11 pgolf train` works as it does with the reference script. Precedence, lowest first:
+field default, preset (or a run's saved config), env vars (`NAME` or `PGOLF_NAME`), `--name=value`
+flags. Unknown `PGOLF_*` env vars and unknown flags are errors. Only entry points read this;
+components take their own settings dataclass or plain values.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, fields
+
+from pgolf.model import GPTConfig
+from pgolf.optim import AdamConfig, MuonConfig
 
 ENV_PREFIX = "PGOLF_"
 # Env vars with the project prefix that are not hyperparameters.
@@ -18,77 +24,77 @@ DEFAULT_PRESET = "baseline"  # the packed train_gpt.py points this at its own pr
 
 
 @dataclass
-class Hyperparameters:
-    # data and run
+class DataSettings:
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # dir with fineweb_{train,val}_*.bin
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model of the shards
     run_id: str = ""  # empty: a fresh id per run
     out_dir: str = "runs"  # each run writes out_dir/run_id/
-    seed: int = 1337
-    # validation and logging
-    val_batch_size: int = 524_288  # global tokens per standard-eval batch
-    val_loss_every: int = 1000  # 0: only the final validation
-    val_max_tokens: int = 0  # 0: the whole val split; >0 truncates (smoke runs only)
-    train_log_every: int = 200
-    # schedule
-    iterations: int = 20_000
-    warmdown_iters: int = 1200
+    seed: int = 1337  # torch and numpy seed
+
+
+@dataclass
+class TrainingSettings:
+    iterations: int = 20_000  # optimizer steps (the wallclock cap usually stops earlier)
+    warmdown_iters: int = 1200  # linear LR decay to 0 over the last N steps (placed by time under a cap)
     warmup_steps: int = 20  # untimed compile warmup steps, state restored afterwards
     train_batch_tokens: int = 524_288  # global tokens per optimizer step
-    train_seq_len: int = 1024
-    max_wallclock_seconds: float = 600.0  # 0 disables the cap
-    # model
-    vocab_size: int = 1024
-    num_layers: int = 9
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 2.0  # hidden = round(mlp_mult * model_dim)
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
-    tied_embed_init_std: float = 0.005
-    smear_gate: bool = False  # blend each embedding with the previous token's (never across BOS)
-    # optimizer
-    embed_lr: float = 0.6  # untied input embedding
-    head_lr: float = 0.008  # untied output head
-    tied_embed_lr: float = 0.05
-    matrix_lr: float = 0.04  # Muon
-    scalar_lr: float = 0.04  # Adam on vectors and control tensors
-    smear_lr: float = 0.04  # Adam on the SmearGate parameters
-    muon_momentum: float = 0.95
-    muon_backend_steps: int = 5
-    muon_momentum_warmup_start: float = 0.85
-    muon_momentum_warmup_steps: int = 500
-    muon_variant: str = "muon"  # muon | normuon
-    normuon_beta2: float = 0.95
-    normuon_rescale: str = "frobenius"  # frobenius (reference code) | paper (0.2*sqrt(mn)/||O||_F)
-    muon_weight_decay: float = 0.0  # decoupled: p *= 1 - lr_t * wd
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.0  # 0 disables
-    # averaging
-    swa_every: int = 0  # 0 disables SWA
+    train_seq_len: int = 1024  # tokens per training sequence
+    max_wallclock_seconds: float = 600.0  # training time cap; 0 disables it
+    grad_clip_norm: float = 0.0  # clip the global gradient norm; 0 disables
+    val_loss_every: int = 1000  # validate every N steps; 0: only the final validation
+    train_log_every: int = 200  # train-loss log line every N steps (and the first 10)
+
+
+@dataclass
+class AveragingSettings:
+    swa_every: int = 0  # SWA checkpoint every N steps during the warmdown; 0 disables SWA
     swa_start_frac: float = 0.0  # start this far into the warmdown (0 = its first step)
     swa_start_lr: float = 0.0  # >0: start once the LR multiplier falls below this instead
-    # quantization and export
+
+
+@dataclass
+class ExportSettings:
     quant_format: str = "int8_zlib"  # int8_zlib (baseline) | int6_zstd (mixed int6/fp16, zstd-22)
     qat: bool = False  # STE fake-int6 on the matrices exported as int6
     qat_start_frac: float = 0.0  # fraction of training before QAT switches on
     fp16_passthrough_patterns: str = "tok_emb"  # int6_zstd: name patterns stored fp16
-    control_tensor_name_patterns: str = (
+    control_tensor_name_patterns: str = (  # stored fp32 and trained by Adam (comma-separated name parts)
         "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights,smear"
     )
-    # evaluation
+
+
+@dataclass
+class EvalSettings:
+    val_batch_size: int = 524_288  # global tokens per standard-eval batch
+    val_max_tokens: int = 0  # 0: the whole val split; >0 truncates (smoke runs only)
     eval_stride: int = 0  # 0: no sliding-window eval; else score every target with stride S
-    eval_seq_len: int = 0  # 0: train_seq_len
+    eval_seq_len: int = 0  # sliding-window length; 0: train_seq_len
     eval_batch_seqs: int = 32  # windows per forward in sliding eval (per rank)
-    # execution
+
+
+@dataclass
+class ExecutionSettings:
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
     autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
     progress: str = "auto"  # auto (when stdout is a terminal) | 1 | 0
+
+
+# The settings groups, in the order `--help` and the docs list them.
+GROUPS: list[tuple[str, type]] = [
+    ("data and run", DataSettings), ("training", TrainingSettings), ("model", GPTConfig),
+    ("Muon", MuonConfig), ("Adam", AdamConfig), ("averaging", AveragingSettings), ("export", ExportSettings),
+    ("evaluation", EvalSettings), ("execution", ExecutionSettings),
+]
+
+
+@dataclass
+class Hyperparameters(ExecutionSettings, EvalSettings, ExportSettings, AveragingSettings, AdamConfig, MuonConfig,
+                      GPTConfig, TrainingSettings, DataSettings):
+    """Every setting of a run, flat (fields come from the groups above)."""
+
+    def part(self, group: type):
+        """This run's values of one settings group, e.g. cfg.part(GPTConfig) for the model."""
+        return group(**{f.name: getattr(self, f.name) for f in fields(group)})
 
 
 def _preset(**kw) -> dict:
@@ -174,30 +180,48 @@ def _coerce(name: str, raw: str, typ: str):
 FIELD_TYPES = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(Hyperparameters)}
 
 
-def resolve(preset: str | None = None, env: dict | None = None, flags: dict | None = None) -> Hyperparameters:
-    """Default < preset < env (NAME or PGOLF_NAME) < flags. Unknown keys raise ConfigError naming them."""
+def resolve_traced(preset: str | None = None, env: dict | None = None, flags: dict | None = None,
+                   saved: dict | None = None) -> tuple[Hyperparameters, dict[str, str]]:
+    """-> (settings, {field: where its value came from}) for every field not left at its default.
+
+    Layers, lowest first: defaults, `saved` (a run's config.json, for commands that act on a run)
+    or else the preset, env (NAME or PGOLF_NAME), flags. Unknown keys raise ConfigError naming them."""
     env = dict(os.environ if env is None else env)
-    preset = preset or env.get("PGOLF_PRESET") or env.get("PRESET") or DEFAULT_PRESET
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset])
+    values: dict = {}
+    origin: dict[str, str] = {}
+    if saved is not None:
+        values.update({k: v for k, v in saved.items() if k in FIELD_TYPES})
+        origin.update({k: "saved config" for k in values})
+    else:
+        preset = preset or env.get("PGOLF_PRESET") or env.get("PRESET") or DEFAULT_PRESET
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+        origin.update({k: f"preset {preset}" for k in PRESETS[preset]})
     for key, raw in env.items():
         if key.startswith(ENV_PREFIX) and key not in RESERVED_ENV:
             name = key[len(ENV_PREFIX):].lower()
             if name not in FIELD_TYPES:
                 raise ConfigError(f"unknown setting in env var {key}; valid names: {', '.join(FIELD_TYPES)}")
-            values[name] = _coerce(key, raw, FIELD_TYPES[name])
+            values[name], origin[name] = _coerce(key, raw, FIELD_TYPES[name]), f"env {key}"
     for name, typ in FIELD_TYPES.items():
         if name.upper() in env:  # the challenge's unprefixed names
-            values[name] = _coerce(name.upper(), env[name.upper()], typ)
+            values[name], origin[name] = _coerce(name.upper(), env[name.upper()], typ), f"env {name.upper()}"
     for key, raw in (flags or {}).items():
         name = key.replace("-", "_").lower()
         if name not in FIELD_TYPES:
             raise ConfigError(f"unknown setting --{key}; valid names: {', '.join(FIELD_TYPES)}")
         values[name] = raw if not isinstance(raw, str) else _coerce(f"--{key}", raw, FIELD_TYPES[name])
+        origin[name] = f"flag --{key}"
     cfg = Hyperparameters(**values)
     validate(cfg)
-    return cfg
+    return cfg, origin
+
+
+def resolve(preset: str | None = None, env: dict | None = None, flags: dict | None = None,
+            saved: dict | None = None) -> Hyperparameters:
+    """Default < preset (or saved config) < env (NAME or PGOLF_NAME) < flags."""
+    return resolve_traced(preset, env, flags, saved)[0]
 
 
 def parse_flags(argv: list[str]) -> tuple[str | None, dict]:
@@ -221,17 +245,16 @@ def parse_flags(argv: list[str]) -> tuple[str | None, dict]:
 
 
 def validate(cfg: Hyperparameters) -> None:
-    choices = {"muon_variant": ("muon", "normuon"), "normuon_rescale": ("frobenius", "paper"),
-               "quant_format": ("int8_zlib", "int6_zstd"), "compile": ("auto", "0", "1"),
+    choices = {"quant_format": ("int8_zlib", "int6_zstd"), "compile": ("auto", "0", "1"),
                "autocast": ("auto", "bf16", "off"), "progress": ("auto", "0", "1")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name.upper()}={getattr(cfg, name)!r}; allowed: {', '.join(allowed)}")
-    if cfg.model_dim % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
-        raise ConfigError(f"MODEL_DIM={cfg.model_dim} must divide by NUM_HEADS={cfg.num_heads}, "
-                          f"which must divide by NUM_KV_HEADS={cfg.num_kv_heads}")
-    if (cfg.model_dim // cfg.num_heads) % 2:
-        raise ConfigError(f"head dim {cfg.model_dim // cfg.num_heads} must be even for RoPE")
+    for group in (GPTConfig, MuonConfig):
+        try:
+            cfg.part(group).check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.train_batch_tokens % (8 * cfg.train_seq_len):
         raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must be a multiple of "
                           f"8 * TRAIN_SEQ_LEN={8 * cfg.train_seq_len} (8 micro-batches per step)")

@@ -1,8 +1,9 @@
 """`pgolf eval ARTIFACT`: score a saved artifact without training (standard + sliding window).
 
 The model is rebuilt from the configuration stored in the artifact. The other settings (data,
-tokenizer, sequence lengths, batch sizes) come from the run's config.json beside the artifact when
-there is one, then from the flags; without a config.json the challenge defaults apply. The
+tokenizer, sequence lengths, batch sizes) resolve like every pgolf command's: defaults, then the
+run's config.json beside the artifact (when there is one), then env vars (DATA_PATH, EVAL_STRIDE, ...),
+then the flags; the log says where the data paths came from. The
 standard score uses the training sequence length on the truncated stream, exactly like the
 round-trip line of `pgolf train`; the sliding score uses --seq-len/--stride on the full stream.
 Runs on one process or under torchrun (windows split across ranks).
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pgolf.artifact import ROUNDTRIP_LOG_NAMES, load_artifact
-from pgolf.config import FIELD_TYPES, Hyperparameters
+from pgolf.config import FIELD_TYPES, Hyperparameters, resolve_traced
 from pgolf.dist import resolve_execution, setup_dist, teardown_dist
 from pgolf.eval import Evaluator, load_sentencepiece, load_validation, log_eval
 from pgolf.model import GPT, GPTConfig
@@ -36,8 +37,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None,
                    help="sliding-window length (default: the run's EVAL_SEQ_LEN or TRAIN_SEQ_LEN)")
     p.add_argument("--batch-seqs", type=int, default=None, help="windows per forward per rank (default: EVAL_BATCH_SEQS)")
-    p.add_argument("--data", default=None, help="dataset dir with fineweb_val_*.bin (default: the run's DATA_PATH)")
-    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the run's TOKENIZER_PATH)")
+    p.add_argument("--data", default=None, help="dataset dir with fineweb_val_*.bin (default: DATA_PATH from the env, else the run's)")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: TOKENIZER_PATH from the env, else the run's)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N validation tokens")
     p.add_argument("--config", default=None, help="run config.json (default: the one beside the artifact, if any)")
     return p.parse_args(argv)
@@ -59,34 +60,42 @@ def rebuild_model(state: dict, model_config: dict, path: str) -> GPT:
     return model
 
 
-def run_settings(args: argparse.Namespace, model_config: dict) -> Hyperparameters:
-    """The run's saved settings (if any) with the model fields from the artifact and the flags on top."""
+# `pgolf eval` flags -> the settings they set (the same settings DATA_PATH=..., EVAL_STRIDE=... set).
+FLAG_FIELDS = {"data": "data_path", "tokenizer": "tokenizer_path", "seq_len": "eval_seq_len",
+               "batch_seqs": "eval_batch_seqs", "max_tokens": "val_max_tokens", "stride": "eval_stride"}
+
+
+def run_settings(args: argparse.Namespace, model_config: dict, env: dict | None = None
+                 ) -> tuple[Hyperparameters, dict[str, str]]:
+    """(settings, where each came from): defaults < the run's config.json < env vars < flags, with the
+    model fields fixed by the artifact."""
     config_path = Path(args.config) if args.config else Path(args.artifact).with_name("config.json")
-    values: dict = {}
+    saved: dict = {}
     if config_path.exists():
-        saved = json.loads(config_path.read_text())
-        values = {k: v for k, v in saved.items() if k in FIELD_TYPES}
-        differ = {k: (values[k], v) for k, v in model_config.items() if k in values and values[k] != v}
+        saved = {k: v for k, v in json.loads(config_path.read_text()).items() if k in FIELD_TYPES}
+        differ = {k: (saved[k], v) for k, v in model_config.items() if k in saved and saved[k] != v}
         if differ:
             detail = ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in sorted(differ.items()))
             raise ValueError(f"{config_path}: describes a different model than {args.artifact} (config vs artifact: "
                              f"{detail}); pass the run's own config with --config")
     elif args.config:
         raise FileNotFoundError(f"--config {config_path}: no such file")
-    values.update({k: v for k, v in model_config.items() if k in FIELD_TYPES})
-    if "train_seq_len" not in values and args.seq_len:
-        values["train_seq_len"] = args.seq_len  # no run config: the standard eval uses the given length
-    flags = {"data_path": args.data, "tokenizer_path": args.tokenizer, "eval_seq_len": args.seq_len,
-             "eval_batch_seqs": args.batch_seqs, "val_max_tokens": args.max_tokens, "eval_stride": args.stride}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    cfg = Hyperparameters(**values)
+    if "train_seq_len" not in saved and args.seq_len:
+        saved["train_seq_len"] = args.seq_len  # no run config: the standard eval uses the given length
+    saved.update({k: v for k, v in model_config.items() if k in FIELD_TYPES})
+    flags = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    cfg, origin = resolve_traced(env=env, flags=flags, saved=saved)
+    clash = sorted(k for k, v in model_config.items() if k in FIELD_TYPES and getattr(cfg, k) != v)
+    if clash:
+        detail = ", ".join(f"{k.upper()}={getattr(cfg, k)!r} ({origin[k]}) vs {model_config[k]!r}" for k in clash)
+        raise ValueError(f"{args.artifact}: the model is fixed by the artifact, but {detail}; unset those settings")
     eval_len = cfg.eval_seq_len or cfg.train_seq_len
-    if args.stride is None and not cfg.eval_stride:
+    if "eval_stride" not in origin and not cfg.eval_stride:
         cfg.eval_stride = min(DEFAULT_STRIDE, eval_len)
     if cfg.eval_stride < 0 or cfg.eval_stride > eval_len or cfg.eval_batch_seqs < 1:
-        raise ValueError(f"--stride {cfg.eval_stride} must be in [0, seq_len={eval_len}] and --batch-seqs "
+        raise ValueError(f"stride {cfg.eval_stride} must be in [0, seq_len={eval_len}] and batch seqs "
                          f"{cfg.eval_batch_seqs} >= 1")
-    return cfg
+    return cfg, origin
 
 
 def check_tokenizer(cfg: Hyperparameters, vocab_size: int, path: str) -> None:
@@ -125,7 +134,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     state, model_config, fmt = read_artifact(args.artifact)
     model = rebuild_model(state, model_config, args.artifact)
-    cfg = run_settings(args, model_config)
+    cfg, origin = run_settings(args, model_config)
     check_tokenizer(cfg, model.cfg.vocab_size, args.artifact)
     d = setup_dist()
     try:
@@ -134,6 +143,8 @@ def main(argv: list[str]) -> int:
         use_compile = use_compile and d.device.type == "cuda"  # on CPU compiling costs more than it saves
         log(f"eval_artifact:{args.artifact} format:{fmt} bytes:{Path(args.artifact).stat().st_size} "
             f"model:{json.dumps(model_config, sort_keys=True)}")
+        for name in ("data_path", "tokenizer_path"):
+            log(f"{name}:{getattr(cfg, name)} from:{origin.get(name, 'default')}")
         tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, cfg.val_max_tokens, log)
         evaluator = Evaluator(d, tokens, tables, sidecar, autocast_dtype, seq_len=cfg.train_seq_len,
                               batch_tokens=cfg.val_batch_size, eval_seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,

@@ -20,21 +20,30 @@ BOS_ID = 1
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 1024
-    num_layers: int = 9
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 2.0
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
-    tied_embed_init_std: float = 0.005
-    smear_gate: bool = False
+    """The model's settings: the one definition of each (Hyperparameters inherits them; artifacts store them)."""
+    vocab_size: int = 1024  # embedding rows; at least the tokenizer's piece count
+    num_layers: int = 9  # transformer blocks (first half encoder, second half decoder of the U-Net skips)
+    model_dim: int = 512  # residual width
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 4  # key/value heads (GQA)
+    mlp_mult: float = 2.0  # MLP hidden = round(mlp_mult * model_dim)
+    tie_embeddings: bool = True  # the output head is the input embedding
+    rope_base: float = 10000.0  # RoPE frequency base
+    logit_softcap: float = 30.0  # logits = c * tanh(raw / c)
+    qk_gain_init: float = 1.5  # initial learned per-head query gain
+    tied_embed_init_std: float = 0.005  # init std of the (tied) embedding
+    smear_gate: bool = False  # blend each embedding with the previous token's (never across BOS)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        """Raise ValueError, naming the settings, for a shape that cannot be built."""
+        if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"MODEL_DIM={self.model_dim} must divide by NUM_HEADS={self.num_heads}, "
+                             f"which must divide by NUM_KV_HEADS={self.num_kv_heads}")
+        if (self.model_dim // self.num_heads) % 2:
+            raise ValueError(f"head dim {self.model_dim // self.num_heads} (MODEL_DIM / NUM_HEADS) must be even for RoPE")
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,45 @@ Weight decay is decoupled: p <- p * (1 - lr_t * wd) with the scheduled lr.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+@dataclass
+class MuonConfig:
+    """Muon on the block matrices."""
+    matrix_lr: float = 0.04  # peak learning rate
+    muon_momentum: float = 0.95  # Nesterov momentum after the warmup
+    muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_momentum_warmup_start: float = 0.85  # momentum at step 0, warmed linearly to MUON_MOMENTUM
+    muon_momentum_warmup_steps: int = 500  # steps of that warmup
+    muon_variant: str = "muon"  # muon | normuon (per-row second-moment normalisation after Newton-Schulz)
+    normuon_beta2: float = 0.95  # NorMuon's per-row EMA decay
+    normuon_rescale: str = "frobenius"  # frobenius (NorMuon reference code) | paper (0.2*sqrt(mn)/||O||_F)
+    muon_weight_decay: float = 0.0  # decoupled: p *= 1 - lr_t * wd
+
+    def check(self) -> None:
+        for name, value, allowed in (("MUON_VARIANT", self.muon_variant, ("muon", "normuon")),
+                                     ("NORMUON_RESCALE", self.normuon_rescale, ("frobenius", "paper"))):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
+
+
+@dataclass
+class AdamConfig:
+    """Adam on everything Muon does not take: embeddings, head, SmearGate, vectors and control tensors."""
+    embed_lr: float = 0.6  # untied input embedding
+    head_lr: float = 0.008  # untied output head
+    tied_embed_lr: float = 0.05  # the tied embedding (input and head)
+    scalar_lr: float = 0.04  # vectors and control tensors
+    smear_lr: float = 0.04  # the SmearGate parameters
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
 
 
 def zeropower_newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
@@ -112,20 +146,22 @@ def split_params(model, control_patterns: list[str]) -> dict[str, list]:
     return groups
 
 
-def build_optimizers(model, *, control_patterns: list[str], matrix_lr: float, scalar_lr: float, embed_lr: float,
-                     head_lr: float, smear_lr: float, betas: tuple[float, float], adam_eps: float,
-                     muon_momentum: float, muon_backend_steps: int, muon_weight_decay: float, muon_variant: str,
-                     normuon_beta2: float, normuon_rescale: str, rank: int, world_size: int) -> list:
+def build_optimizers(model, muon: MuonConfig, adam: AdamConfig, *, control_patterns: list[str],
+                     rank: int = 0, world_size: int = 1) -> list:
     """[Adam, Muon]; every group remembers its base lr in 'base_lr' for the schedule."""
     groups = split_params(model, control_patterns)
-    lrs = {"embed": embed_lr, "head": head_lr, "scalar": scalar_lr, "smear": smear_lr}
+    tied = model.lm_head is None
+    lrs = {"embed": adam.tied_embed_lr if tied else adam.embed_lr, "head": adam.head_lr,
+           "scalar": adam.scalar_lr, "smear": adam.smear_lr}
     adam_groups = [dict(params=groups[k], lr=lr, base_lr=lr) for k, lr in lrs.items() if groups[k]]
     device = next(model.parameters()).device
-    adam = torch.optim.Adam(adam_groups, betas=betas, eps=adam_eps, fused=device.type == "cuda")
-    muon = Muon(groups["matrix"], lr=matrix_lr, momentum=muon_momentum, backend_steps=muon_backend_steps,
-                weight_decay=muon_weight_decay, variant=muon_variant, beta2=normuon_beta2, rescale=normuon_rescale,
-                rank=rank, world_size=world_size,
-                ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    for g in muon.param_groups:
-        g["base_lr"] = matrix_lr
-    return [adam, muon]
+    opt_adam = torch.optim.Adam(adam_groups, betas=(adam.beta1, adam.beta2), eps=adam.adam_eps,
+                                fused=device.type == "cuda")
+    opt_muon = Muon(groups["matrix"], lr=muon.matrix_lr, momentum=muon.muon_momentum,
+                    backend_steps=muon.muon_backend_steps, weight_decay=muon.muon_weight_decay,
+                    variant=muon.muon_variant, beta2=muon.normuon_beta2, rescale=muon.normuon_rescale,
+                    rank=rank, world_size=world_size,
+                    ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for g in opt_muon.param_groups:
+        g["base_lr"] = muon.matrix_lr
+    return [opt_adam, opt_muon]

@@ -20,7 +20,7 @@ from pathlib import Path
 from pgolf.fileio import write_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-PACKED_MODULES = ["config", "fileio", "dist", "data", "quant", "model", "eval", "optim", "schedule", "averaging",
+PACKED_MODULES = ["fileio", "dist", "data", "quant", "model", "eval", "optim", "schedule", "averaging", "config",
                   "artifact", "train"]
 
 

@@ -27,7 +27,7 @@ from pgolf.dist import Dist, resolve_execution, setup_dist, teardown_dist
 from pgolf.eval import Evaluator, load_validation, log_eval
 from pgolf.fileio import write_atomic
 from pgolf.model import GPT, GPTConfig, mark_qat, set_qat_gate
-from pgolf.optim import build_optimizers
+from pgolf.optim import AdamConfig, MuonConfig, build_optimizers
 from pgolf.quant import int6_weight_names, split_patterns
 from pgolf.schedule import lr_multiplier, muon_momentum, progress, swa_due
 
@@ -50,14 +50,6 @@ class RunLog:
         if self.jsonl:
             self.jsonl.write(json.dumps({"event": event, **fields}) + "\n")
             self.jsonl.flush()
-
-
-def model_config(cfg: Hyperparameters) -> GPTConfig:
-    return GPTConfig(vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, model_dim=cfg.model_dim,
-                     num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, mlp_mult=cfg.mlp_mult,
-                     tie_embeddings=cfg.tie_embeddings, rope_base=cfg.rope_base, logit_softcap=cfg.logit_softcap,
-                     qk_gain_init=cfg.qk_gain_init, tied_embed_init_std=cfg.tied_embed_init_std,
-                     smear_gate=cfg.smear_gate)
 
 
 def environment_lines() -> list[str]:
@@ -102,7 +94,7 @@ def build_evaluator(cfg: Hyperparameters, d: Dist, tokens, tables, sidecar, auto
 
 
 def build_model(cfg: Hyperparameters, device: torch.device) -> GPT:
-    model = GPT(model_config(cfg)).to(device)
+    model = GPT(cfg.part(GPTConfig)).to(device)
     if cfg.qat:
         control, keep = split_patterns(cfg.control_tensor_name_patterns), split_patterns(cfg.fp16_passthrough_patterns)
         mark_qat(model, int6_weight_names(model.state_dict(), control, keep))
@@ -210,13 +202,8 @@ def train(cfg: Hyperparameters, d: Dist) -> dict:
     train_model = torch.nn.parallel.DistributedDataParallel(
         compiled, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False
     ) if d.enabled else compiled
-    optimizers = build_optimizers(
-        model, control_patterns=control, matrix_lr=cfg.matrix_lr, scalar_lr=cfg.scalar_lr,
-        embed_lr=cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr, head_lr=cfg.head_lr,
-        smear_lr=cfg.smear_lr, betas=(cfg.beta1, cfg.beta2), adam_eps=cfg.adam_eps, muon_momentum=cfg.muon_momentum,
-        muon_backend_steps=cfg.muon_backend_steps, muon_weight_decay=cfg.muon_weight_decay,
-        muon_variant=cfg.muon_variant, normuon_beta2=cfg.normuon_beta2, normuon_rescale=cfg.normuon_rescale,
-        rank=d.rank, world_size=d.world_size)
+    optimizers = build_optimizers(model, cfg.part(MuonConfig), cfg.part(AdamConfig), control_patterns=control,
+                                  rank=d.rank, world_size=d.world_size)
     if use_compile and cfg.warmup_steps > 0:
         compile_warmup(model, train_model, optimizers, cfg, d, grad_accum, autocast_dtype, log)
         loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)

@@ -13,7 +13,7 @@ from pgolf.fileio import write_atomic
 from pgolf.config import resolve
 from pgolf.model import GPT
 from pgolf.quant import quantize_state, split_patterns
-from pgolf.train import model_config
+from pgolf.model import GPTConfig
 
 TINY = dict(vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
 # dim 256: the MLP matrices (512 x 256) and the embedding (512 x 256) exceed the 65,536-entry
@@ -28,7 +28,7 @@ def config(fmt="int8_zlib", **kw):
 def random_normal_artifact(cfg, path):
     """Serialize a model whose every float tensor is N(0, 1): the regime the normal basis assumes."""
     torch.manual_seed(123)
-    model = GPT(model_config(cfg))
+    model = GPT(cfg.part(GPTConfig))
     state = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
     blob, _ = serialize(state, model.cfg.to_dict(), cfg.quant_format, split_patterns(cfg.control_tensor_name_patterns),
                         split_patterns(cfg.fp16_passthrough_patterns))
@@ -45,7 +45,7 @@ def test_tiny_model_params_and_stored_bytes_are_exact():
     assert {k: r.params for k, r in rows.items()} == {
         ("embedding", "fp16"): 32_768, ("attention", "fp16"): 2 * 12_288, ("mlp", "fp16"): 2 * 16_384,
         ("control", "fp32"): 2 * 260 + 64}
-    assert sum(r.params for r in rows.values()) == 90_696 == sum(p.numel() for p in GPT(model_config(cfg)).parameters())
+    assert sum(r.params for r in rows.values()) == 90_696 == sum(p.numel() for p in GPT(cfg.part(GPTConfig)).parameters())
     assert {k: r.tensors for k, r in rows.items()} == {("embedding", "fp16"): 1, ("attention", "fp16"): 8,
                                                        ("mlp", "fp16"): 4, ("control", "fp32"): 9}
     assert sum(r.stored for r in rows.values()) == 2 * (32_768 + 24_576 + 32_768) + 4 * 584
@@ -54,7 +54,7 @@ def test_tiny_model_params_and_stored_bytes_are_exact():
 @pytest.mark.parametrize("fmt", ["int8_zlib", "int6_zstd"])
 def test_stored_bytes_match_the_quantizer(fmt):
     cfg = config(fmt, **MID)
-    state = GPT(model_config(cfg)).state_dict()
+    state = GPT(cfg.part(GPTConfig)).state_dict()
     control, keep = split_patterns(cfg.control_tensor_name_patterns), split_patterns(cfg.fp16_passthrough_patterns)
     entries = quantize_state(state, fmt, control, keep)
     kinds = {e["kind"] for e in entries.values()}

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from pgolf.artifact import MAGIC, load_artifact, serialize
 from pgolf.fileio import write_atomic
-from pgolf.config import Hyperparameters
 from pgolf.dist import Dist
 from pgolf.eval import ByteTables, Evaluator, byte_tables, evaluate, load_sentencepiece, window_plan
 from pgolf.model import GPT, GPTConfig
@@ -351,3 +350,29 @@ def test_pgolf_eval_clear_errors(tiny_data, tmp_path, capsys):
     (run_dir / "config.json").write_text(json.dumps({"num_layers": 3, "model_dim": 32, "train_seq_len": 32}))
     with pytest.raises(ValueError, match="num_layers 3 vs 2"):
         main([str(art), *common])
+
+
+def test_pgolf_eval_honours_env_vars_with_the_usual_precedence(tiny_data, tmp_path, capsys, monkeypatch):
+    """config.json < env < flags, like every command; the log says where the data path came from."""
+    from pgolf.eval_artifact import main
+
+    data_dir, _ = tiny_data
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    art = write_tiny_artifact(run_dir / "final_model.int8.ptz")
+    tokenizer = str(data_dir / "tokenizer.model")
+    (run_dir / "config.json").write_text(json.dumps({"data_path": str(tmp_path / "moved"), "tokenizer_path": tokenizer,
+                                                     "train_seq_len": 32, "val_max_tokens": 1500}))
+    with pytest.raises(Exception, match="moved"):  # the saved path alone no longer exists
+        main([str(art), "--stride", "0"])
+    monkeypatch.setenv("DATA_PATH", str(data_dir))
+    monkeypatch.setenv("EVAL_STRIDE", "16")
+    assert main([str(art)]) == 0
+    out = capsys.readouterr().out
+    assert f"data_path:{data_dir} from:env DATA_PATH" in out and f"tokenizer_path:{tokenizer} from:saved config" in out
+    assert " stride:16 seq_len:32 " in out  # EVAL_STRIDE from the env, not the default 64
+    assert main([str(art), "--stride", "8"]) == 0  # a flag beats the env
+    assert " stride:8 seq_len:32 " in capsys.readouterr().out
+    monkeypatch.setenv("NUM_LAYERS", "5")  # the artifact fixes the model: a clashing setting is refused
+    with pytest.raises(ValueError, match=r"NUM_LAYERS=5 \(env NUM_LAYERS\) vs 2"):
+        main([str(art)])

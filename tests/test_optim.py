@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from pgolf.model import GPT, GPTConfig
-from pgolf.optim import Muon, build_optimizers, normuon_normalize, split_params, zeropower_newton_schulz
+from pgolf.optim import AdamConfig, Muon, MuonConfig, build_optimizers, normuon_normalize, split_params, zeropower_newton_schulz
 
 LR, MOMENTUM = 0.05, 0.9
 
@@ -118,11 +118,10 @@ def test_parameter_routing_and_learning_rates():
     control = ["attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "smear"]
     groups = split_params(model, control)
     assert len(groups["matrix"]) == 2 * 6 and len(groups["smear"]) == 2 and len(groups["embed"]) == 1
-    adam, muon = build_optimizers(
-        model, control_patterns=control, matrix_lr=0.02, scalar_lr=0.03, embed_lr=0.05, head_lr=0.008,
-        smear_lr=0.001, betas=(0.9, 0.95), adam_eps=1e-8, muon_momentum=0.99, muon_backend_steps=5,
-        muon_weight_decay=0.01, muon_variant="normuon", normuon_beta2=0.95, normuon_rescale="paper",
-        rank=0, world_size=1)
+    muon_cfg = MuonConfig(matrix_lr=0.02, muon_momentum=0.99, muon_weight_decay=0.01, muon_variant="normuon",
+                          normuon_rescale="paper")
+    adam_cfg = AdamConfig(scalar_lr=0.03, tied_embed_lr=0.05, embed_lr=0.7, smear_lr=0.001)
+    adam, muon = build_optimizers(model, muon_cfg, adam_cfg, control_patterns=control)
     lrs = {g["lr"]: len(g["params"]) for g in adam.param_groups}
     assert lrs == {0.05: 1, 0.03: 2 * 4 + 1, 0.001: 2}  # embed; 4 control tensors per block + skip_weights; smear
     assert muon.param_groups[0]["weight_decay"] == 0.01 and muon.variant == "normuon" and muon.rescale == "paper"

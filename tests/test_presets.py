@@ -11,22 +11,68 @@ import torch
 from pgolf.config import PRESETS, resolve
 from pgolf.model import GPT, CastedLinear
 from pgolf.quant import int6_weight_names, split_patterns
-from pgolf.train import build_model, model_config, run
+from pgolf.model import GPTConfig
+from pgolf.train import build_model, run
 from tests.conftest import tiny_env
 
-# The issue's / PR texts' values for the seed stacks (everything else is lineage, see config.py).
-SEED_VALUES = {
-    "seed137": dict(num_layers=9, model_dim=512, mlp_mult=3.0, train_seq_len=2048, train_batch_tokens=786_432,
-                    muon_variant="normuon", muon_momentum=0.99, matrix_lr=0.02, muon_weight_decay=0.01,
-                    grad_clip_norm=0.3, warmdown_iters=3000, logit_softcap=15.0, swa_every=200, qat=True,
-                    qat_start_frac=0.0, quant_format="int6_zstd", fp16_passthrough_patterns="tok_emb",
-                    eval_stride=64, smear_gate=False),
-    "seed170": dict(num_layers=9, model_dim=512, mlp_mult=3.0, smear_gate=True, qat=True, qat_start_frac=0.0,
-                    muon_weight_decay=0.01, quant_format="int6_zstd", fp16_passthrough_patterns="tok_emb",
-                    eval_stride=64, eval_batch_seqs=32, muon_variant="muon", swa_every=0),
-    "seed170-11l": dict(num_layers=11, model_dim=512, mlp_mult=3.0, smear_gate=True, qat=True,
-                        muon_weight_decay=0.038, quant_format="int6_zstd", eval_stride=64),
+SEEDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "seeds"  # ../shared/seeds beside the repo
+# Sentences quoted from the record PRs' texts (../shared/seeds/000_*.txt = PR #137, 003_*.txt = PR #170),
+# and what each one fixes: (setting or derived fact, value parsed from the quote). The presets are
+# checked against these quotes, and the quotes against the seed files whenever those are present.
+SEED_QUOTES = {
+    "seed137": [
+        ("MLP 3x expansion (hidden=1536): 21.8M params.", {"mlp_mult": "3x", "hidden": "hidden=1536",
+                                                          "params_m": "21.8M"}),
+        ("Sliding window eval (stride=64): each token scored with nearly full context.", {"eval_stride": "stride=64"}),
+        ("collects checkpoints every 200 steps during warmdown and averages them.", {"swa_every": "every 200"}),
+        ("seq_len=2048, batch=786K, grad_clip=0.3, matrix_lr=0.02, Muon momentum=0.99, Muon WD=0.01, "
+         "warmdown=3000 iters, logit softcap=15.",
+         {"train_seq_len": "seq_len=2048", "train_batch_k": "batch=786K", "grad_clip_norm": "grad_clip=0.3",
+          "matrix_lr": "matrix_lr=0.02", "muon_momentum": "momentum=0.99", "muon_weight_decay": "WD=0.01",
+          "warmdown_iters": "warmdown=3000", "logit_softcap": "softcap=15"}),
+        ("NorMuon optimizer: per-neuron row-wise RMS normalization after Newton-Schulz orthogonalization.",
+         {"muon_variant": "NorMuon"}),
+        ("int6 per-row on MLP and attention weights, fp16 passthrough for tied embedding, zstd-22 compression.",
+         {"quant_format": "int6", "fp16_passthrough_patterns": "fp16 passthrough for tied embedding"}),
+        ("weights fake-quantized to int6 via straight-through estimator throughout training.",
+         {"qat": "straight-through", "qat_start_frac": "throughout training"}),
+    ],
+    "seed170": [
+        ("9L 512dim int6 QAT with STE, SmearGate, Muon weight decay 0.01, int6-in-int8 zstd22 compression.",
+         {"num_layers": "9L", "model_dim": "512dim", "qat": "QAT", "smear_gate": "SmearGate",
+          "muon_weight_decay": "decay 0.01", "quant_format": "zstd22"}),
+        ("Achieves 14.77MB from 21.8M params.", {"params_m": "21.8M"}),
+        ("~513-param learned gate blending current + previous token embedding.", {"smear_params": "~513"}),
+        ("Sliding window evaluation (stride=64, batch=32 seqs)", {"eval_stride": "stride=64",
+                                                                  "eval_batch_seqs": "batch=32"}),
+    ],
+    "seed170-11l": [
+        ("11-layer GPT with int6 QAT, SmearGate, and decoupled Muon weight decay 0.038.",
+         {"num_layers": "11-layer", "muon_weight_decay": "decay 0.038", "smear_gate": "SmearGate", "qat": "QAT"}),
+    ],
 }
+WORDS = {"NorMuon": "normuon", "int6": "int6_zstd", "zstd22": "int6_zstd", "SmearGate": True, "QAT": True,
+         "straight-through": True, "throughout training": 0.0, "fp16 passthrough for tied embedding": "tok_emb"}
+
+
+def parse_quoted(fragment: str):
+    """The value a quoted fragment states: a word's meaning, or its number (786K -> 786,000; 21.8M -> 21.8)."""
+    if fragment in WORDS:
+        return WORDS[fragment]
+    number = re.search(r"(\d+(?:\.\d+)?)([KM]?)", fragment)
+    value = float(number.group(1))
+    return value * 1000 if number.group(2) == "K" else value
+
+
+def derived_facts(cfg) -> dict:
+    with torch.device("meta"):
+        model = GPT(cfg.part(GPTConfig))
+    return {"hidden": model.blocks[0].mlp.fc.weight.shape[0],
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "train_batch_k": cfg.train_batch_tokens,
+            "smear_params": sum(p.numel() for n, p in model.named_parameters() if n.startswith("smear."))}
+
+
 # Exact parameter counts of the full-size models (the seeds report 21.8M for both 9-layer stacks).
 FULL_PARAMS = {"baseline": 17_059_912, "smoke": 123_464, "seed137": 21_778_504, "seed170": 21_779_017,
                "seed170-11l": 26_502_233}
@@ -41,13 +87,31 @@ def param_formula(layers: int, dim: int, heads: int, kv_heads: int, mlp_mult: fl
 
 def meta_model(cfg) -> GPT:
     with torch.device("meta"):
-        return GPT(model_config(cfg))
+        return GPT(cfg.part(GPTConfig))
 
 
-@pytest.mark.parametrize("name", sorted(SEED_VALUES))
-def test_seed_presets_carry_the_record_values(name):
+@pytest.mark.parametrize("name", sorted(SEED_QUOTES))
+def test_seed_presets_match_the_quoted_record_texts(name):
     cfg = resolve(name, env={})
-    assert {k: getattr(cfg, k) for k in SEED_VALUES[name]} == SEED_VALUES[name]
+    facts = derived_facts(cfg)
+    for quote, claims in SEED_QUOTES[name]:
+        for key, fragment in claims.items():
+            assert fragment in quote, (quote, fragment)
+            stated, actual = parse_quoted(fragment), facts[key] if key in facts else getattr(cfg, key)
+            if isinstance(stated, float):  # "21.8M", "786K" are rounded in the texts: 0.5% tolerance
+                assert actual == pytest.approx(stated, rel=5e-3), (name, key, quote)
+            else:
+                assert actual == stated, (name, key, quote)
+
+
+@pytest.mark.skipif(not SEEDS_DIR.is_dir(), reason="../shared/seeds not present")
+def test_the_quotes_are_in_the_seed_texts():
+    texts = {"seed137": (SEEDS_DIR / "000_1c07331b495b5a56.txt").read_text(),
+             "seed170": (SEEDS_DIR / "003_dec0d24c4b34c7f2.txt").read_text()}
+    texts["seed170-11l"] = texts["seed170"]
+    for name, quotes in SEED_QUOTES.items():
+        for quote, _ in quotes:
+            assert quote in texts[name], (name, quote)
 
 
 def test_seed170_11l_differs_from_seed170_only_in_depth_and_decay():

@@ -68,16 +68,22 @@ def test_log_lines_follow_the_challenge_format(learned_run):
     assert json.loads((run_dir / "config.json").read_text())["iterations"] == 80
 
 
-def test_wallclock_cap_stops_early(tiny_data, tmp_path):
-    cfg = tiny_cfg(tiny_data[0], tmp_path, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=1.5, RUN_ID="cap",
-                   TRAIN_LOG_EVERY=1000, WARMDOWN_ITERS=5)
+def test_wallclock_cap_stops_early_after_a_time_placed_warmdown(tiny_data, tmp_path):
+    """Under a cap the warmdown is placed by time: the LR must fall during the last WARMDOWN_ITERS steps
+    and be near 0 on the last step, not be cut off at full LR when the cap stops the run."""
+    cfg = tiny_cfg(tiny_data[0], tmp_path, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=3.0, RUN_ID="cap",
+                   TRAIN_LOG_EVERY=1, WARMDOWN_ITERS=5)
     final = run(cfg)
     log = (tmp_path / "cap" / "train.log").read_text()
     stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/100000$", log, re.M)
     assert stop and int(stop.group(2)) == final["step_stop"] < 100000
-    assert final["train_time_ms"] >= 1500
+    assert final["train_time_ms"] >= 3000
     lr = [e["lr_mul"] for e in read_events(tmp_path / "cap", "train")]
-    assert lr[0] == 1.0  # warmdown is placed by time at the end
+    assert len(lr) == final["step_stop"] > 10  # one record per step (tiny steps take well under 0.3 s)
+    assert lr[0] == 1.0
+    falling = [m for m in lr if m < 1.0]
+    assert len(falling) >= 3 and falling == sorted(falling, reverse=True)  # a real decay, not one last step
+    assert lr[-1] < 1.5 / 5  # the cap arrives at the end of the warmdown: less than ~1 of its 5 steps left
 
 
 def test_module_entry_point_runs(tiny_data, tmp_path):
