@@ -23,7 +23,7 @@ import torch
 from pgolf.artifact import load_artifact
 from pgolf.data import load_tokens, val_pattern
 from pgolf.eval import byte_tables, evaluate, load_sentencepiece
-from pgolf.eval_artifact import rebuild_model
+from pgolf.model import rebuild_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core import BENCH  # noqa: E402  (the core benchmark's configuration, one definition)

@@ -1,4 +1,5 @@
-"""SWA: a running fp32 average of model weights, applied before export."""
+"""Weight averages applied before export: SWA (a running fp32 mean of checkpoints) and EMA (an fp32
+exponential moving average updated every step, decay 0.9965 in the 1.0611 record)."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +29,22 @@ class SWA:
         state = model.state_dict()
         for name, total in self.sums.items():
             state[name].copy_((total / self.count).to(state[name].dtype))
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {k: t.detach().float().clone() for k, t in model.state_dict().items() if t.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        for name, avg in self.shadow.items():
+            avg.mul_(self.decay).add_(state[name].detach().float(), alpha=1.0 - self.decay)
+        self.updates += 1
+
+    @torch.no_grad()
+    def apply(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        for name, avg in self.shadow.items():
+            state[name].copy_(avg.to(state[name].dtype))

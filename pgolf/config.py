@@ -18,6 +18,8 @@ from pgolf.model import GPTConfig
 from pgolf.optim import AdamConfig, MuonConfig
 
 ENV_PREFIX = "PGOLF_"
+# Other spellings of a setting (the 1.0611 record's names for settings pgolf already had).
+ALIASES = {"muon_wd": "muon_weight_decay"}
 # Env vars with the project prefix that are not hyperparameters.
 RESERVED_ENV = {"PGOLF_PRESET"}
 DEFAULT_PRESET = "baseline"  # the packed train_gpt.py points this at its own preset
@@ -36,11 +38,14 @@ class DataSettings:
 class TrainingSettings:
     iterations: int = 20_000  # optimizer steps (the wallclock cap usually stops earlier)
     warmdown_iters: int = 1200  # linear LR decay to 0 over the last N steps (placed by time under a cap)
+    warmdown_frac: float = 0.0  # >0: decay over this last fraction of training progress instead (the record's)
+    min_lr: float = 0.0  # floor of the LR multiplier during the warmdown (PR #1787: 0.1)
     warmup_steps: int = 20  # untimed compile warmup steps, state restored afterwards
     train_batch_tokens: int = 524_288  # global tokens per optimizer step
     train_seq_len: int = 1024  # tokens per training sequence
     max_wallclock_seconds: float = 600.0  # training time cap; 0 disables it
     grad_clip_norm: float = 0.0  # clip the global gradient norm; 0 disables
+    enable_looping_at: float = 0.35  # depth recurrence (NUM_LOOPS > 0) switches on at this training fraction
     val_loss_every: int = 1000  # validate every N steps; 0: only the final validation
     train_log_every: int = 200  # train-loss log line every N steps (and the first 10)
 
@@ -50,6 +55,7 @@ class AveragingSettings:
     swa_every: int = 0  # SWA checkpoint every N steps during the warmdown; 0 disables SWA
     swa_start_frac: float = 0.0  # start this far into the warmdown (0 = its first step)
     swa_start_lr: float = 0.0  # >0: start once the LR multiplier falls below this instead
+    ema_decay: float = 0.0  # >0: EMA of the weights, updated every step and applied before export
 
 
 @dataclass
@@ -59,7 +65,8 @@ class ExportSettings:
     qat_start_frac: float = 0.0  # fraction of training before QAT switches on
     fp16_passthrough_patterns: str = "tok_emb"  # int6_zstd: name patterns stored fp16
     control_tensor_name_patterns: str = (  # stored fp32 and trained by Adam (comma-separated name parts)
-        "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights,smear"
+        "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights,smear,"
+        "skip_gates,lambdas,attn_gate"
     )
 
 
@@ -154,6 +161,58 @@ PRESETS: dict[str, dict] = {
 # PR #170's second run: 11 layers, Muon WD 0.038 (PR #170 text); everything else as seed170.
 PRESETS["seed170-11l"] = {**PRESETS["seed170"], "num_layers": 11, "muon_weight_decay": 0.038}
 
+# The 1.0611 record (PR #1855, openai/parameter-golf records/track_10min_16mb/
+# 2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611): its training configuration, model and
+# optimizer side. "README" = its README's tables and run command; "code" = a default of its
+# train_gpt.py that the run command keeps. Where pgolf still differs (tokenizer data, GPTQ/LQER/
+# per-group export, TTT): docs/techniques.md.
+PRESETS["frontier"] = _preset(
+    vocab_size=8192,  # README: VOCAB_SIZE=8192
+    data_path="./data/datasets/fineweb10B_sp8192",  # code: DATA_DIR/datasets/fineweb10B_sp{VOCAB_SIZE}
+    tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",  # code: DATA_DIR/tokenizers/fineweb_{V}_bpe.model
+    num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4,  # README: 11 x 512d, 8 GQA heads, 4 KV heads
+    mlp_mult=4.0, mlp_negative_slope=0.5,  # README: MLP 4x (2048) with LeakyReLU(0.5)^2 (PR #493)
+    xsa_last_n=11,  # README: XSA on all 11 layers (PR #478)
+    rope_dims=16,  # README: partial RoPE 16/64 (PR #315); code: ROPE_YARN=0 (YaRN off)
+    ln_scale=True,  # README: LN scale 1/sqrt(layer+1) (PR #315)
+    qk_gain_init=5.0,  # README: QK gain init 5.0 (PR #1276)
+    skip_gates_enabled=True,  # README: encoder-decoder skips + skip gates (PR #289)
+    parallel_start_layer=8,  # README: 2-lane parallel decoder from layer 8 (PR #1530); code: mean of lanes
+    num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35,  # README: layers 3-5 run 3x once frac >= 0.35
+    sparse_attn_gate_enabled=True, gate_window=12, sparse_attn_gate_scale=0.5,  # README: sparse gate (PR #1787)
+    smear_gate_enabled=True,  # README: SMEAR_GATE_ENABLED=1, the BOS-fixed additive form (PR #1667 + the record)
+    doc_mask=True,  # code: DocumentPackingLoader + varlen attention (PR #1530): no attention across documents
+    fused_ce_enabled=True,  # README: FUSED_CE_ENABLED=1 (PR #1787)
+    ortho_init=True,  # code: _init_weights (orthogonal q/k/v/up, zero output projections)
+    logit_softcap=30.0,  # README: softcap 30
+    train_seq_len=2048, train_batch_tokens=786_432, eval_seq_len=2048,  # code defaults
+    iterations=20_000, max_wallclock_seconds=600.0, warmup_steps=20,  # README
+    warmdown_frac=0.85, min_lr=0.1,  # README: WARMDOWN_FRAC=0.85, MIN_LR=0.1 (PR #1787)
+    grad_clip_norm=0.3,  # README: GRAD_CLIP_NORM=0.3
+    matrix_lr=0.026,  # README: MATRIX_LR=0.026 (PR #1586)
+    muon_momentum=0.97, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,  # code defaults
+    muon_backend_steps=5, muon_ns="polar_express",  # README: Polar-Express Newton-Schulz, 5 steps (PR #1344)
+    muon_row_normalize=True,  # code: MUON_ROW_NORMALIZE=1 (MuonEq-R, PR #1285 lineage)
+    muon_weight_decay=0.095,  # code: MUON_WD=0.095
+    tied_embed_lr=0.03, scalar_lr=0.02, smear_lr=0.02,  # README: Adam lr 0.03 (embedding) / 0.02 (scalars, smear)
+    beta2=0.99,  # README: BETA2=0.99
+    embed_wd=0.085, adam_wd=0.02,  # code: EMBED_WD=0.085, ADAM_WD=0.02 (AdamW)
+    ema_decay=0.9965,  # README: EMA decay 0.9965
+    val_loss_every=0, train_log_every=500,  # README: VAL_LOSS_EVERY=0; code: TRAIN_LOG_EVERY=500
+    quant_format="int6_zstd",  # pgolf's int6 export until GPTQ lands (the record: GPTQ int6 + int7 embedding + LQER)
+)
+# The frontier's techniques at the CPU bench shape (benchmarks/core.py: 4 x 256, 4/2 heads, seq 256,
+# 16,384 tokens/step, vocab 1024, 60 steps): only sizes change; the loop (1-2) and the parallel start (3)
+# are scaled to 4 layers and XSA covers all 4. EMA is off: at 0.9965 a 60-step average is still mostly
+# the initialisation (the record's own script gave 3.58 bpb with it at this shape).
+PRESETS["frontier-bench"] = {
+    **PRESETS["frontier"], "vocab_size": 1024, "data_path": "./data/datasets/fineweb10B_sp1024",
+    "tokenizer_path": "./data/tokenizers/fineweb_1024_bpe.model", "num_layers": 4, "model_dim": 256,
+    "num_heads": 4, "num_kv_heads": 2, "train_seq_len": 256, "eval_seq_len": 256, "train_batch_tokens": 16_384,
+    "iterations": 60, "max_wallclock_seconds": 0.0, "warmup_steps": 0, "loop_start": 1, "loop_end": 2,
+    "parallel_start_layer": 3, "xsa_last_n": 4, "ema_decay": 0.0, "train_log_every": 10,
+}
+
 
 class ConfigError(ValueError):
     pass
@@ -201,14 +260,18 @@ def resolve_traced(preset: str | None = None, env: dict | None = None, flags: di
     for key, raw in env.items():
         if key.startswith(ENV_PREFIX) and key not in RESERVED_ENV:
             name = key[len(ENV_PREFIX):].lower()
+            name = ALIASES.get(name, name)
             if name not in FIELD_TYPES:
                 raise ConfigError(f"unknown setting in env var {key}; valid names: {', '.join(FIELD_TYPES)}")
             values[name], origin[name] = _coerce(key, raw, FIELD_TYPES[name]), f"env {key}"
-    for name, typ in FIELD_TYPES.items():
-        if name.upper() in env:  # the challenge's unprefixed names
-            values[name], origin[name] = _coerce(name.upper(), env[name.upper()], typ), f"env {name.upper()}"
+    spellings = [(n, n) for n in FIELD_TYPES] + list(ALIASES.items())
+    for spelling, name in spellings:
+        if spelling.upper() in env:  # the challenge's unprefixed names
+            key = spelling.upper()
+            values[name], origin[name] = _coerce(key, env[key], FIELD_TYPES[name]), f"env {key}"
     for key, raw in (flags or {}).items():
         name = key.replace("-", "_").lower()
+        name = ALIASES.get(name, name)
         if name not in FIELD_TYPES:
             raise ConfigError(f"unknown setting --{key}; valid names: {', '.join(FIELD_TYPES)}")
         values[name] = raw if not isinstance(raw, str) else _coerce(f"--{key}", raw, FIELD_TYPES[name])
@@ -264,6 +327,14 @@ def validate(cfg: Hyperparameters) -> None:
         raise ConfigError("QAT=1 fakes the int6 export; set QUANT_FORMAT=int6_zstd")
     if not 0.0 <= cfg.qat_start_frac < 1.0 or not 0.0 <= cfg.swa_start_frac < 1.0:
         raise ConfigError("QAT_START_FRAC and SWA_START_FRAC must be in [0, 1)")
+    if not 0.0 <= cfg.warmdown_frac <= 1.0 or not 0.0 <= cfg.min_lr < 1.0 or not 0.0 <= cfg.enable_looping_at <= 1.0:
+        raise ConfigError(f"WARMDOWN_FRAC={cfg.warmdown_frac} and ENABLE_LOOPING_AT={cfg.enable_looping_at} must be "
+                          f"in [0, 1], MIN_LR={cfg.min_lr} in [0, 1)")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ConfigError(f"EMA_DECAY={cfg.ema_decay} must be in [0, 1); 0 disables the EMA")
+    if cfg.ema_decay and cfg.swa_every:
+        raise ConfigError(f"EMA_DECAY={cfg.ema_decay} and SWA_EVERY={cfg.swa_every} are alternative weight "
+                          "averages; set one of them to 0")
 
 
 def to_dict(cfg: Hyperparameters) -> dict:

@@ -11,7 +11,6 @@ Runs on one process or under torchrun (windows split across ranks).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pgolf.artifact import ROUNDTRIP_LOG_NAMES, load_artifact
 from pgolf.config import FIELD_TYPES, Hyperparameters, resolve_traced
 from pgolf.dist import resolve_execution, setup_dist, teardown_dist
 from pgolf.eval import Evaluator, load_sentencepiece, load_validation, log_eval
-from pgolf.model import GPT, GPTConfig
+from pgolf.model import rebuild_model
 
 DEFAULT_STRIDE = 64
 
@@ -42,22 +41,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N validation tokens")
     p.add_argument("--config", default=None, help="run config.json (default: the one beside the artifact, if any)")
     return p.parse_args(argv)
-
-
-def rebuild_model(state: dict, model_config: dict, path: str) -> GPT:
-    """GPT from the stored configuration, with clear errors for configs or weights that don't fit."""
-    unknown = sorted(set(model_config) - {f.name for f in dataclasses.fields(GPTConfig)})
-    if unknown:
-        raise ValueError(f"{path}: stored model config has settings this pgolf does not know ({', '.join(unknown)}); "
-                         "it was written by a newer pgolf, upgrade to evaluate it")
-    model = GPT(GPTConfig(**model_config))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(f"{path}: weights do not match the stored model config ({first}); the artifact is "
-                         "inconsistent, re-export it with pgolf train") from None
-    return model
 
 
 # `pgolf eval` flags -> the settings they set (the same settings DATA_PATH=..., EVAL_STRIDE=... set).

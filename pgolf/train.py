@@ -20,13 +20,13 @@ import torch
 
 from pgolf.artifact import (ARTIFACT_NAMES, PACKED_SINGLE_FILE, ROUNDTRIP_LOG_NAMES, SIZE_LABELS, budget_line,
                             code_bytes, load_artifact, serialize)
-from pgolf.averaging import SWA
+from pgolf.averaging import EMA, SWA
 from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve, to_dict
 from pgolf.data import DistributedTokenLoader, train_pattern
 from pgolf.dist import Dist, resolve_execution, setup_dist, teardown_dist
 from pgolf.eval import Evaluator, load_validation, log_eval
 from pgolf.fileio import write_atomic
-from pgolf.model import GPT, GPTConfig, mark_qat, set_qat_gate
+from pgolf.model import GPT, GPTConfig, layer_order, mark_qat, rebuild_model, set_qat_gate
 from pgolf.optim import AdamConfig, MuonConfig, build_optimizers
 from pgolf.quant import int6_weight_names, split_patterns
 from pgolf.schedule import lr_multiplier, muon_momentum, progress, swa_due
@@ -93,8 +93,15 @@ def build_evaluator(cfg: Hyperparameters, d: Dist, tokens, tables, sidecar, auto
                      batch_seqs=cfg.eval_batch_seqs, progress=show)
 
 
+def model_settings(cfg: Hyperparameters) -> GPTConfig:
+    """The model's settings with run-dependent defaults filled in (they are stored in the artifact)."""
+    model_cfg = cfg.part(GPTConfig)
+    model_cfg.rope_train_seq_len = model_cfg.rope_train_seq_len or cfg.train_seq_len
+    return model_cfg
+
+
 def build_model(cfg: Hyperparameters, device: torch.device) -> GPT:
-    model = GPT(cfg.part(GPTConfig)).to(device)
+    model = GPT(model_settings(cfg)).to(device)
     if cfg.qat:
         control, keep = split_patterns(cfg.control_tensor_name_patterns), split_patterns(cfg.fp16_passthrough_patterns)
         mark_qat(model, int6_weight_names(model.state_dict(), control, keep))
@@ -135,13 +142,17 @@ def train_step(model, train_model, optimizers, loader, cfg: Hyperparameters, d: 
 
 
 def compile_warmup(model, train_model, optimizers, cfg, d, grad_accum, autocast_dtype, log) -> None:
-    """Prime compiled kernels on real steps, then restore the initial weights and optimizer state."""
+    """Prime compiled kernels on real steps (with and without depth recurrence, which compile to
+    different graphs), then restore the initial weights and optimizer state."""
     saved_model = copy.deepcopy(model.state_dict())
     saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
-    for i in range(cfg.warmup_steps):
-        train_step(model, train_model, optimizers, loader, cfg, d, grad_accum, autocast_dtype)
-        log(f"warmup_step:{i + 1}/{cfg.warmup_steps}")
+    for looping in sorted({False, bool(cfg.num_loops)}):
+        model.set_looping(looping)
+        for i in range(cfg.warmup_steps):
+            train_step(model, train_model, optimizers, loader, cfg, d, grad_accum, autocast_dtype)
+            log(f"{'loop_' if looping else ''}warmup_step:{i + 1}/{cfg.warmup_steps}")
+    model.set_looping(False)
     model.load_state_dict(saved_model)
     for opt, state in zip(optimizers, saved_opts):
         opt.load_state_dict(state)
@@ -168,6 +179,11 @@ class Timer:
 
     def elapsed_ms(self) -> float:
         return self.total_ms + (1000.0 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
+
+
+def agreed(d: Dist, flag: bool) -> bool:
+    """True on every rank as soon as any rank says so, so that ranks switch on the same step."""
+    return d.all_reduce(torch.tensor(float(flag), device=d.device), op="max").item() > 0
 
 
 def train(cfg: Hyperparameters, d: Dist) -> dict:
@@ -210,7 +226,7 @@ def train(cfg: Hyperparameters, d: Dist) -> dict:
 
     # 3. the timed loop
     hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else None
-    swa = SWA()
+    swa, ema = SWA(), EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     max_ms = 1000.0 * cfg.max_wallclock_seconds
     timer, step, stop_after, qat_on = Timer(d.device), 0, None, cfg.qat and cfg.qat_start_frac == 0
     bar = None
@@ -232,17 +248,21 @@ def train(cfg: Hyperparameters, d: Dist) -> dict:
         if last:
             break
         elapsed = timer.elapsed_ms()
+        frac = progress(step, elapsed, iterations=cfg.iterations, max_wallclock_ms=max_ms)
         lr_mul = lr_multiplier(step, elapsed, iterations=cfg.iterations, warmdown_iters=cfg.warmdown_iters,
-                               max_wallclock_ms=max_ms)
+                               max_wallclock_ms=max_ms, warmdown_frac=cfg.warmdown_frac, min_lr=cfg.min_lr)
         set_schedule(optimizers, cfg, step, lr_mul)
-        if cfg.qat and not qat_on:
-            due = progress(step, elapsed, iterations=cfg.iterations, max_wallclock_ms=max_ms) >= cfg.qat_start_frac
-            if d.all_reduce(torch.tensor(float(due), device=d.device), op="max").item() > 0:  # ranks switch together
-                set_qat_gate(model, True)
-                qat_on = True
-                log(f"qat:on step:{step}")
+        if cfg.qat and not qat_on and agreed(d, frac >= cfg.qat_start_frac):
+            set_qat_gate(model, True)
+            qat_on = True
+            log(f"qat:on step:{step}")
+        if cfg.num_loops and not model.looping and agreed(d, frac >= cfg.enable_looping_at):
+            model.set_looping(True)
+            log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{','.join(map(str, layer_order(model.cfg, True)))}")
         loss = train_step(model, train_model, optimizers, loader, cfg, d, grad_accum, autocast_dtype)
         step += 1
+        if ema is not None:
+            ema.update(model)
         if swa_due(step, lr_mul, every=cfg.swa_every, start_frac=cfg.swa_start_frac, start_lr=cfg.swa_start_lr):
             swa.add(model)
             if swa.count == 1:
@@ -271,11 +291,12 @@ def train(cfg: Hyperparameters, d: Dist) -> dict:
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
     # 4. averaging, export, round trip from disk
-    if swa.count:
-        swa.apply(model)
-        log(f"swa:applied checkpoints:{swa.count}")
+    if swa.count or ema is not None:
+        (swa if swa.count else ema).apply(model)
+        log(f"swa:applied checkpoints:{swa.count}" if swa.count else
+            f"ema:applied decay:{cfg.ema_decay} updates:{ema.updates}")
         pre_quant = evaluator.standard(model, hidden_fn)
-        log_eval(log, "post_swa", pre_quant)
+        log_eval(log, "post_swa" if swa.count else "post_ema", pre_quant)
     final = finalize(cfg, d, model, evaluator, run_dir, log, control)
     final.update(step_stop=step, train_time_ms=train_ms, pre_quant_val_loss=pre_quant.val_loss,
                  pre_quant_val_bpb=pre_quant.val_bpb, swa_checkpoints=swa.count,
@@ -306,8 +327,7 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
     if total > 16_000_000:
         log(f"WARNING: artifact + code = {total} bytes exceeds the 16,000,000-byte limit; this run cannot be submitted")
     state_rt, model_cfg, _ = load_artifact(path)
-    fresh = GPT(GPTConfig(**model_cfg)).to(d.device)
-    fresh.load_state_dict(state_rt, strict=True)
+    fresh = rebuild_model(state_rt, model_cfg, str(path)).to(d.device)
     name = ROUNDTRIP_LOG_NAMES[cfg.quant_format]
     hidden_fn = torch.compile(fresh.hidden, dynamic=False) if resolve_execution(cfg.compile, cfg.autocast, d.device)[0] else None
     rt = evaluator.standard(fresh, hidden_fn)

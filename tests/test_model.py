@@ -33,7 +33,7 @@ def test_shapes_and_unet_skips():
     x = torch.randint(0, 64, (2, 10))
     assert model.hidden(x).shape == (2, 10, 32)
     assert model.logits(model.hidden(x)).shape == (2, 10, 64)
-    assert model.num_encoder_layers == 1 and model.skip_weights.shape == (1, 32)
+    assert model.skip_weights.shape == (1, 32)  # 3 layers: 1 encoder, 2 decoder, 1 skip
     assert model.blocks[0].attn.c_k.weight.shape == (16, 32)  # GQA: 2 KV heads of dim 8
 
 

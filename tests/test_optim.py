@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from pgolf.model import GPT, GPTConfig
-from pgolf.optim import AdamConfig, Muon, MuonConfig, build_optimizers, normuon_normalize, split_params, zeropower_newton_schulz
+from pgolf.optim import (AdamConfig, Muon, MuonConfig, build_optimizers, normuon_normalize, ns_coefficients,
+                         split_params, zeropower_newton_schulz)
 
 LR, MOMENTUM = 0.05, 0.9
 
@@ -24,7 +25,7 @@ def one_step(p0: torch.Tensor, grad: torch.Tensor, **kw) -> tuple[torch.Tensor, 
 
 def ns_of_first_step(grad: torch.Tensor) -> torch.Tensor:
     """What Muon orthogonalises on step 1: buf = g, Nesterov g + momentum * buf."""
-    return zeropower_newton_schulz(grad.add(grad, alpha=MOMENTUM), 5, torch.float32)
+    return zeropower_newton_schulz(grad.add(grad, alpha=MOMENTUM), ns_coefficients("quintic", 5), torch.float32)
 
 
 def manual_update(grad: torch.Tensor, variant: str) -> torch.Tensor:

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import torch
 
-from pgolf.model import BOS_ID, GPT, GPTConfig, SmearGate
+from pgolf.layers import SmearGate
+from pgolf.model import GPT, GPTConfig
 from pgolf.optim import split_params
 from pgolf.quant import quantize_state
 
 DIM = 8
+BOS_ID = 1
 # Two documents in one row: BOS at positions 0 and 4.
 IDS = torch.tensor([[BOS_ID, 7, 9, 11, BOS_ID, 5, 6, 13]])
 
 
 def trained_gate(seed: int = 0) -> SmearGate:
     torch.manual_seed(seed)
-    gate = SmearGate(DIM)
+    gate = SmearGate(DIM, BOS_ID)
     with torch.no_grad():
         gate.smear_gate.normal_(0.0, 2.0)
         gate.smear_lambda.fill_(0.8)
@@ -22,7 +24,7 @@ def trained_gate(seed: int = 0) -> SmearGate:
 
 
 def test_identity_at_init():
-    gate = SmearGate(DIM)
+    gate = SmearGate(DIM, BOS_ID)
     assert sum(p.numel() for p in gate.parameters()) == DIM + 1
     x = torch.randn(2, 8, DIM)
     ids = torch.randint(0, 50, (2, 8))

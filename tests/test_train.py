@@ -79,7 +79,7 @@ def test_wallclock_cap_stops_early_after_a_time_placed_warmdown(tiny_data, tmp_p
     assert stop and int(stop.group(2)) == final["step_stop"] < 100000
     assert final["train_time_ms"] >= 3000
     lr = [e["lr_mul"] for e in read_events(tmp_path / "cap", "train")]
-    assert len(lr) == final["step_stop"] > 10  # one record per step (tiny steps take well under 0.3 s)
+    assert len(lr) == final["step_stop"] >= 6  # one record per step (a tiny step takes well under 0.5 s)
     assert lr[0] == 1.0
     falling = [m for m in lr if m < 1.0]
     assert len(falling) >= 3 and falling == sorted(falling, reverse=True)  # a real decay, not one last step
