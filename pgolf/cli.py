@@ -10,6 +10,7 @@ COMMANDS = {
     "train": ("pgolf.cli:train_command", "train, export, round-trip and score a model (env vars / --key=value)"),
     "data": ("pgolf.cli:data_command", "data tools: download, prepare, verify, synth"),
     "eval": ("pgolf.eval_artifact:main", "score a saved artifact: standard + sliding-window val_bpb, no training"),
+    "audit": ("pgolf.audit:main", "test an eval's legality: causality, normalization, score-first, one pass, bytes"),
     "pack": ("pgolf.pack:pack_command", "write a self-contained train_gpt.py from a preset (--compress: counted stub)"),
     "budget": ("pgolf.budget:budget_command", "predict artifact + code bytes of a configuration before training"),
     "seeds": ("pgolf.seeds:seeds_command", "run one configuration for several seeds (or --dry-run the commands)"),

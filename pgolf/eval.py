@@ -14,6 +14,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -65,6 +66,23 @@ def byte_tables(sp, vocab_size: int) -> ByteTables:
     return ByteTables(torch.from_numpy(base), torch.from_numpy(lead), torch.from_numpy(boundary))
 
 
+class EvalObserver(Protocol):
+    """What an evaluation reports, when given an observer, so that `pgolf audit` can test it.
+
+    scored(positions, nll, nbytes, log_probs): called when targets are added to the totals, with their
+    stream positions (target j is tokens[j], 1 <= j < N; int64 numpy), their losses in nats and their
+    bytes ([n] tensors), and log_probs(rows) -> [len(rows), V]: the full-vocabulary log-probabilities
+    those losses were taken from, for the rows asked for (computed on demand, so observers can sample).
+    updated(positions): called when an adaptive evaluation changes its predictor, with the stream
+    positions of every token (inputs and targets) the change was computed from.
+    """
+
+    def scored(self, positions: np.ndarray, nll: torch.Tensor, nbytes: torch.Tensor,
+               log_probs: Callable[[np.ndarray], torch.Tensor]) -> None: ...
+
+    def updated(self, positions: np.ndarray) -> None: ...
+
+
 @dataclass
 class EvalResult:
     val_loss: float  # nats per target token
@@ -107,13 +125,15 @@ def window_plan(num_tokens: int, seq_len: int, stride: int) -> tuple[np.ndarray,
 def evaluate(model, tokens: np.ndarray, tables: ByteTables | None, *, seq_len: int, stride: int,
              batch_seqs: int, rank: int = 0, world_size: int = 1, all_reduce=None,
              byte_counts: np.ndarray | None = None, autocast_dtype: torch.dtype | None = None,
-             hidden_fn=None, progress: bool = False, pad_batches: bool | None = None) -> EvalResult:
+             hidden_fn=None, progress: bool = False, pad_batches: bool | None = None,
+             observer: EvalObserver | None = None) -> EvalResult:
     """Score every target of `tokens` once; windows are split contiguously across ranks.
 
     model must provide hidden(x) -> [B, T, D] and logits(h) -> fp32 logits; the head and the loss
     run only on the scored positions. byte_counts, when given, is the per-token byte sidecar
     (aligned with tokens) and replaces the tables. pad_batches (default: on CUDA) pads a short last
     batch with windows that score nothing, so a compiled forward sees one shape and never recompiles.
+    observer, when given, is told every target as it is added to the totals (see EvalObserver).
     """
     t0 = time.perf_counter()
     if batch_seqs < 1:
@@ -149,11 +169,15 @@ def evaluate(model, tokens: np.ndarray, tables: ByteTables | None, *, seq_len: i
         with amp:
             h = hidden_fn(x)
         h = h.reshape(-1, h.size(-1)).index_select(0, idx)
-        nll = F.cross_entropy(model.logits(h).float(), y, reduction="none")
+        logits = model.logits(h).float()
+        nll = F.cross_entropy(logits, y, reduction="none")
         if byte_counts is not None:
             nbytes = torch.from_numpy(byte_counts[pos[:, 1:].reshape(-1)[keep]].astype(np.int64))
         else:
             nbytes = tables.count(x.reshape(-1)[idx], y)  # prev = the true previous token
+        if observer is not None:
+            observer.scored(pos[:, 1:].reshape(-1)[keep], nll, nbytes,
+                            lambda rows, z=logits: F.log_softmax(z[torch.as_tensor(rows, device=z.device)], dim=-1))
         sums[0] += nll.double().sum()
         sums[1] += len(keep)
         sums[2] += nbytes.double().sum().to(device)
@@ -202,19 +226,27 @@ class Evaluator:
         self.eval_seq_len = eval_seq_len or seq_len
         self.stride, self.sliding_batch, self.progress = stride, batch_seqs, progress
 
-    def _run(self, model, tokens, sidecar, seq_len, stride, batch, hidden_fn=None):
+    def stream(self, mode: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The tokens (and byte sidecar) an evaluation mode scores: only standard drops the partial block."""
+        return (self.std_tokens, self.std_sidecar) if mode == "standard" else (self.tokens, self.sidecar)
+
+    def _run(self, model, tokens, sidecar, seq_len, stride, batch, hidden_fn, observer):
         return evaluate(model, tokens, self.tables, seq_len=seq_len, stride=stride, batch_seqs=batch,
                         rank=self.d.rank, world_size=self.d.world_size, all_reduce=self.d.all_reduce,
                         byte_counts=sidecar, autocast_dtype=self.autocast_dtype, hidden_fn=hidden_fn,
-                        progress=self.progress)
+                        progress=self.progress, observer=observer)
 
-    def standard(self, model, hidden_fn=None) -> EvalResult:
-        return self._run(model, self.std_tokens, self.std_sidecar, self.seq_len, self.seq_len, self.std_batch,
-                         hidden_fn)
+    # Every mode takes tokens= (a same-length replacement for its stream, e.g. the audit's perturbed
+    # copies) and observer= (an EvalObserver); `pgolf audit --mode NAME` calls the method NAME.
+    def standard(self, model, hidden_fn=None, *, tokens=None, observer=None) -> EvalResult:
+        tokens = self.std_tokens if tokens is None else tokens
+        return self._run(model, tokens, self.std_sidecar, self.seq_len, self.seq_len, self.std_batch, hidden_fn,
+                         observer)
 
-    def sliding(self, model, hidden_fn=None) -> EvalResult:
-        return self._run(model, self.tokens, self.sidecar, self.eval_seq_len, self.stride, self.sliding_batch,
-                         hidden_fn)
+    def sliding(self, model, hidden_fn=None, *, tokens=None, observer=None) -> EvalResult:
+        tokens = self.tokens if tokens is None else tokens
+        return self._run(model, tokens, self.sidecar, self.eval_seq_len, self.stride, self.sliding_batch, hidden_fn,
+                         observer)
 
 
 def log_eval(log, name: str, r: EvalResult, extra: str = "") -> None:

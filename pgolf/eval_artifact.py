@@ -21,14 +21,13 @@ from pgolf.artifact import ROUNDTRIP_LOG_NAMES, load_artifact
 from pgolf.config import FIELD_TYPES, Hyperparameters, resolve_traced
 from pgolf.dist import resolve_execution, setup_dist, teardown_dist
 from pgolf.eval import Evaluator, load_sentencepiece, load_validation, log_eval
-from pgolf.model import rebuild_model
+from pgolf.model import GPT, rebuild_model
 
 DEFAULT_STRIDE = 64
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pgolf eval", description="Score a saved artifact without training: "
-                                "standard and sliding-window val_loss / val_bpb.")
+def add_settings_arguments(p: argparse.ArgumentParser) -> None:
+    """The evaluation settings `pgolf eval` and `pgolf audit` share (the run's config.json fills the rest)."""
     p.add_argument("artifact", help="final_model.*.ptz written by pgolf train")
     p.add_argument("--stride", type=int, default=None,
                    help=f"sliding-window stride (default: the run's EVAL_STRIDE, else {DEFAULT_STRIDE}, "
@@ -38,8 +37,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-seqs", type=int, default=None, help="windows per forward per rank (default: EVAL_BATCH_SEQS)")
     p.add_argument("--data", default=None, help="dataset dir with fineweb_val_*.bin (default: DATA_PATH from the env, else the run's)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: TOKENIZER_PATH from the env, else the run's)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N validation tokens")
     p.add_argument("--config", default=None, help="run config.json (default: the one beside the artifact, if any)")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pgolf eval", description="Score a saved artifact without training: "
+                                "standard and sliding-window val_loss / val_bpb.")
+    add_settings_arguments(p)
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N validation tokens")
     return p.parse_args(argv)
 
 
@@ -66,7 +71,7 @@ def run_settings(args: argparse.Namespace, model_config: dict, env: dict | None 
     if "train_seq_len" not in saved and args.seq_len:
         saved["train_seq_len"] = args.seq_len  # no run config: the standard eval uses the given length
     saved.update({k: v for k, v in model_config.items() if k in FIELD_TYPES})
-    flags = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    flags = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag, None) is not None}
     cfg, origin = resolve_traced(env=env, flags=flags, saved=saved)
     clash = sorted(k for k, v in model_config.items() if k in FIELD_TYPES and getattr(cfg, k) != v)
     if clash:
@@ -113,12 +118,28 @@ def read_artifact(path: str) -> tuple[dict, dict, str]:
     return load_artifact(path)
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+def load_model_and_settings(args: argparse.Namespace) -> tuple[GPT, Hyperparameters, str, dict, dict]:
+    """The dequantized model of args.artifact, the run's settings for scoring it, its format and config,
+    and where each setting came from."""
     state, model_config, fmt = read_artifact(args.artifact)
     model = rebuild_model(state, model_config, args.artifact)
     cfg, origin = run_settings(args, model_config)
     check_tokenizer(cfg, model.cfg.vocab_size, args.artifact)
+    return model, cfg, fmt, model_config, origin
+
+
+def build_evaluator(cfg: Hyperparameters, origin: dict, d, log, autocast_dtype, progress: bool = False) -> Evaluator:
+    for name in ("data_path", "tokenizer_path"):
+        log(f"{name}:{getattr(cfg, name)} from:{origin.get(name, 'default')}")
+    tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, cfg.val_max_tokens, log)
+    return Evaluator(d, tokens, tables, sidecar, autocast_dtype, seq_len=cfg.train_seq_len,
+                     batch_tokens=cfg.val_batch_size, eval_seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,
+                     batch_seqs=cfg.eval_batch_seqs, progress=progress)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    model, cfg, fmt, model_config, origin = load_model_and_settings(args)
     d = setup_dist()
     try:
         log = ConsoleLog(d.is_main)
@@ -126,12 +147,7 @@ def main(argv: list[str]) -> int:
         use_compile = use_compile and d.device.type == "cuda"  # on CPU compiling costs more than it saves
         log(f"eval_artifact:{args.artifact} format:{fmt} bytes:{Path(args.artifact).stat().st_size} "
             f"model:{json.dumps(model_config, sort_keys=True)}")
-        for name in ("data_path", "tokenizer_path"):
-            log(f"{name}:{getattr(cfg, name)} from:{origin.get(name, 'default')}")
-        tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, cfg.val_max_tokens, log)
-        evaluator = Evaluator(d, tokens, tables, sidecar, autocast_dtype, seq_len=cfg.train_seq_len,
-                              batch_tokens=cfg.val_batch_size, eval_seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,
-                              batch_seqs=cfg.eval_batch_seqs, progress=d.is_main and sys.stderr.isatty())
+        evaluator = build_evaluator(cfg, origin, d, log, autocast_dtype, progress=d.is_main and sys.stderr.isatty())
         model = model.to(d.device)
         hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else None
         log(f"world_size:{d.world_size} device:{d.device} compile:{use_compile} autocast:{autocast_dtype}")

@@ -165,8 +165,17 @@ def check_tokenizer(path: Path, sp, expected: Expected | None) -> None:
                              f"{expected.vocab_size}; pass the dataset's tokenizer with --tokenizer")
 
 
-def _partial_char_tail(ids: np.ndarray, byte_value: np.ndarray) -> int:
-    """How many trailing byte tokens form an incomplete UTF-8 character (0 if none)."""
+def byte_values(sp) -> np.ndarray:
+    """The raw byte of each byte-fallback piece (<0xNN>), -1 for every other piece."""
+    values = np.full(max(sp.vocab_size(), 1), -1, dtype=np.int64)
+    for i in range(sp.vocab_size()):
+        if sp.is_byte(i):
+            values[i] = int(sp.id_to_piece(i)[1:-1], 16)
+    return values
+
+
+def partial_char_tail(ids: np.ndarray, byte_value: np.ndarray) -> int:
+    """How many trailing byte tokens of a document (ids[0] is its BOS) form an incomplete UTF-8 character."""
     run = 0
     while run < ids.size - 1 and byte_value[ids[ids.size - 1 - run]] >= 0:
         run += 1
@@ -185,10 +194,7 @@ class _SplitChecker:
 
     def __init__(self, split: str, sp, tables: ByteTables, report: Report):
         self.split, self.sp, self.tables, self.report = split, sp, tables, report
-        self.byte_value = np.full(max(sp.vocab_size(), 1), -1, dtype=np.int64)
-        for i in range(sp.vocab_size()):
-            if sp.is_byte(i):
-                self.byte_value[i] = int(sp.id_to_piece(i)[1:-1], 16)
+        self.byte_value = byte_values(sp)
         self.docs_seen = 0
 
     def run(self, files: list[str]) -> None:
@@ -245,7 +251,7 @@ class _SplitChecker:
         self.docs_seen += len(starts)
 
     def _byte_mismatch(self, doc: np.ndarray, table_bytes: int, text_bytes: int, last: bool, where, index: int) -> None:
-        cut = _partial_char_tail(doc, self.byte_value) if last else 0
+        cut = partial_char_tail(doc, self.byte_value) if last else 0
         if cut and len(self.sp.decode(doc[1:doc.size - cut].tolist()).encode("utf-8")) + cut == table_bytes:
             self.report.notes.append(f"{where[0]}: the {self.split} split's last document (token offset {where[1]}) "
                                      "ends inside a multi-byte character, as a prefix of a longer export can; its "
