@@ -128,18 +128,22 @@ class CausalSelfAttention(nn.Module):
         self.attn_gate = (SparseAttnGate(cfg.num_heads, cfg.gate_window, cfg.sparse_attn_gate_scale)
                           if cfg.sparse_attn_gate_enabled else no_gate)
 
-    def forward(self, x: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: torch.Tensor | None, adapter=None) -> torch.Tensor:
         B, T, D = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if adapter is not None:  # test-time training: low-rank deltas on the projections (see ttt.py)
+            q, k, v = q + adapter.q(x), k + adapter.k(x), v + adapter.v(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rms_norm(q), rms_norm(k)
         cos, sin = self.rotary(T, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = self.exclude(self.core(q, k, v, segments), v)
         y = self.attn_gate(y, x)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        out = self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return out if adapter is None else out + adapter.o(x)
 
 
 class MLP(nn.Module):
@@ -149,8 +153,9 @@ class MLP(nn.Module):
         self.act = LeakyReLUSquared(negative_slope)
         self.proj = CastedLinear(self.fc.out_features, dim, zero_init=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.act(self.fc(x)))
+    def forward(self, x: torch.Tensor, adapter=None) -> torch.Tensor:
+        out = self.proj(self.act(self.fc(x)))
+        return out if adapter is None else out + adapter.mlp(x)
 
 
 class Block(nn.Module):
@@ -171,16 +176,16 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         return mix[0] * x + mix[1] * x0
 
-    def attn_branch(self, x: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-        return self.attn_scale.to(x.dtype) * self.attn(self.norm(x), segments)
+    def attn_branch(self, x: torch.Tensor, segments: torch.Tensor | None, adapter=None) -> torch.Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(self.norm(x), segments, adapter)
 
-    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
+    def mlp_branch(self, x: torch.Tensor, adapter=None) -> torch.Tensor:
+        return self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x), adapter)
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, segments: torch.Tensor | None, adapter=None) -> torch.Tensor:
         x = self.mix(x, x0)
-        x = x + self.attn_branch(x, segments)
-        return x + self.mlp_branch(x)
+        x = x + self.attn_branch(x, segments, adapter)
+        return x + self.mlp_branch(x, adapter)
 
 
 class ParallelLanes(nn.Module):
@@ -195,10 +200,10 @@ class ParallelLanes(nn.Module):
         self.parallel_post_lambdas = nn.Parameter(torch.ones(num_lanes_layers, 2, 2))  # [branch, lane]
         self.final_lane = final_lane
 
-    def step(self, j: int, block: Block, lanes: tuple, x0: torch.Tensor, segments) -> tuple:
+    def step(self, j: int, block: Block, lanes: tuple, x0: torch.Tensor, segments, adapter=None) -> tuple:
         lane0, lane1 = lanes
-        a = block.attn_branch(block.mix(lane0, x0), segments)
-        m = block.mlp_branch(lane1)
+        a = block.attn_branch(block.mix(lane0, x0), segments, adapter)
+        m = block.mlp_branch(lane1, adapter)
         r = self.parallel_resid_lambdas[j].to(lane0.dtype)
         p = self.parallel_post_lambdas[j].to(lane0.dtype)
         return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
@@ -249,37 +254,41 @@ class GPT(nn.Module):
     def set_looping(self, on: bool) -> None:
         self.looping = bool(on and self.cfg.num_loops)
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states [B, T, D]."""
+    def hidden(self, input_ids: torch.Tensor, adapters=None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, D]. `adapters` (test-time training) gives each executed block
+        slot k (its position in the layer order, so a repeated layer gets one per pass) an adapter
+        through adapters.slot(k), with q/k/v/o/mlp deltas."""
         segments = document_segments(input_ids, self.cfg.bos_id) if self.cfg.doc_mask else None
         x = x0 = rms_norm(self.smear(self.tok_emb(input_ids), input_ids))
         order = layer_order(self.cfg, self.looping)
         encoder, decoder = order[:len(order) // 2], order[len(order) // 2:]
+        slot = (lambda k: None) if adapters is None else adapters.slot
         skips = []
-        for i in encoder:
-            x = self.blocks[i](x, x0, segments)
+        for k, i in enumerate(encoder):
+            x = self.blocks[i](x, x0, segments, slot(k))
             skips.append(x)
         start = self.cfg.parallel_start_layer or self.cfg.num_layers
         sequential = [i for i in decoder if i < start]
         for j, i in enumerate(sequential):
             if j < len(self.skip_weights) and skips:
                 x = self.add_skip(j, x, skips.pop())
-            x = self.blocks[i](x, x0, segments)
+            x = self.blocks[i](x, x0, segments, slot(len(encoder) + j))
         if self.lanes is not None:
             lanes = (x, x)
             for j, i in enumerate(decoder[len(sequential):], start=len(sequential)):
                 if j < len(self.skip_weights) and skips:
                     lanes = (self.add_skip(j, lanes[0], skips.pop()), lanes[1])
-                lanes = self.lanes.step(i - start, self.blocks[i], lanes, x0, segments)
+                lanes = self.lanes.step(i - start, self.blocks[i], lanes, x0, segments, slot(len(encoder) + j))
             x = self.lanes.close(lanes)
         return rms_norm(x)
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Softcapped fp32 logits of hidden states h."""
-        return softcap_logits(F.linear(h, self.head_weight().to(h.dtype)), self.cfg.logit_softcap)
+    def logits(self, h: torch.Tensor, adapters=None) -> torch.Tensor:
+        """Softcapped fp32 logits of hidden states h (plus the adapters' head delta in test-time training)."""
+        raw = F.linear(h, self.head_weight().to(h.dtype))
+        return softcap_logits(raw if adapters is None else raw + adapters.head(h), self.cfg.logit_softcap)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         h = self.hidden(input_ids)

@@ -278,3 +278,31 @@ def test_frontier_preset_is_the_record_model():
     same = {k for k in ALL_ON if k not in ("gate_window", "xsa_last_n", "loop_start", "loop_end", "rope_dims",
                                             "parallel_start_layer")}
     assert {k: getattr(bench, k) for k in same} == {k: getattr(cfg, k) for k in same}
+
+
+def test_adapter_hooks_reach_every_executed_slot():
+    """Test-time training reuses the blocks: hidden(ids, adapters) asks adapters.slot(k) for every executed
+    block (a repeated layer once per pass) and adds its deltas; zero deltas change nothing."""
+    model = randomized(GPTConfig(**TINY, num_loops=2, loop_start=1, loop_end=2, parallel_start_layer=3))
+    model.set_looping(True)
+    x = torch.randint(0, 64, (2, 8))
+
+    class Adapters:
+        def __init__(self, scale):
+            self.scale, self.slots = scale, []
+
+        def slot(self, k):
+            self.slots.append(k)
+            return self
+
+        def delta(self, x, out):
+            return self.scale * x[..., :1].expand(*x.shape[:-1], out)
+
+        q = o = mlp = lambda self, x: self.delta(x, 32)
+        k = v = lambda self, x: self.delta(x, 16)
+        head = lambda self, h: self.delta(h, 64)  # noqa: E731
+
+    zero = Adapters(0.0)
+    assert torch.equal(model.logits(model.hidden(x, zero), zero), model.logits(model.hidden(x)))
+    assert zero.slots == list(range(len(layer_order(model.cfg, True))))  # 8 slots for 4 layers with the loop
+    assert not torch.allclose(model.hidden(x, Adapters(0.1)), model.hidden(x), atol=1e-4)
