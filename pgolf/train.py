@@ -11,8 +11,10 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +24,13 @@ from pgolf.artifact import (ARTIFACT_NAMES, PACKED_SINGLE_FILE, ROUNDTRIP_LOG_NA
                             code_bytes, load_artifact, serialize)
 from pgolf.averaging import SWA
 from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve, to_dict
-from pgolf.data import DistributedTokenLoader, train_pattern
+from pgolf.console import (close_bars, echo, error_message, progress_bar, run_command, settings_help,
+                           summary_line, wants_help)
+from pgolf.data import (DistributedTokenLoader, read_shard_header, shard_files, synthetic_entropy, train_pattern,
+                        val_pattern)
 from pgolf.dist import Dist, resolve_execution, setup_dist, teardown_dist
-from pgolf.eval import Evaluator, load_validation, log_eval
-from pgolf.fileio import write_atomic
+from pgolf.eval import CONTEXT_EXTENSIONS, ByteTables, Evaluator, beyond_context, load_validation, log_eval
+from pgolf.fileio import check_writable, write_atomic
 from pgolf.model import GPT, GPTConfig, mark_qat, set_qat_gate
 from pgolf.optim import AdamConfig, MuonConfig, build_optimizers
 from pgolf.quant import int6_weight_names, split_patterns
@@ -33,16 +38,23 @@ from pgolf.schedule import lr_multiplier, muon_momentum, progress, swa_due
 
 
 class RunLog:
-    """Rank-0 text log (challenge line formats) plus a JSON-lines metrics file."""
+    """Rank-0 text log (challenge line formats) plus a JSON-lines metrics file. Nothing is written until
+    open() (after the run's checks pass), and nothing on other ranks. Console lines go through echo(),
+    so a progress bar stays intact."""
 
-    def __init__(self, run_dir: Path | None):
-        self.text = open(run_dir / "train.log", "a") if run_dir else None
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if run_dir else None
+    def __init__(self):
+        self.run_dir: Path | None = None
+        self.text = self.jsonl = None
+
+    def open(self, run_dir: Path | None) -> None:
+        if run_dir is not None:
+            self.run_dir = run_dir
+            self.text, self.jsonl = open(run_dir / "train.log", "a"), open(run_dir / "metrics.jsonl", "a")
 
     def __call__(self, msg: str, console: bool = True) -> None:
         if self.text:
             if console:
-                print(msg, flush=True)
+                echo(msg)
             self.text.write(msg + "\n")
             self.text.flush()
 
@@ -50,6 +62,12 @@ class RunLog:
         if self.jsonl:
             self.jsonl.write(json.dumps({"event": event, **fields}) + "\n")
             self.jsonl.flush()
+
+    def close(self) -> None:
+        for f in (self.text, self.jsonl):
+            if f:
+                f.close()
+        self.text = self.jsonl = None
 
 
 def environment_lines() -> list[str]:
@@ -70,12 +88,45 @@ def agree_run_id(cfg: Hyperparameters, d: Dist) -> str:
     return run_id[0]
 
 
-def open_run(cfg: Hyperparameters, d: Dist) -> tuple[Path, RunLog]:
+@dataclass
+class RunData:
+    """What a run reads, checked and loaded before its folder exists."""
+    val_tokens: np.ndarray
+    tables: ByteTables
+    sidecar: np.ndarray | None
+    loader: DistributedTokenLoader
+    entropy_floor: float | None  # bits per byte of a synthetic corpus (its synth.json); None for real data
+    lines: list[str]  # for the run's log, once it is open
+
+
+def load_checked_data(cfg: Hyperparameters, d: Dist) -> RunData:
+    """Check the output folder, every shard header and the tokenizer, and load the data, before the run
+    folder exists: a bad OUT_DIR, DATA_PATH, shard or TOKENIZER_PATH fails with nothing left behind."""
+    if d.is_main:
+        check_writable(Path(cfg.out_dir) / cfg.run_id, "OUT_DIR")
+    for shard in shard_files(val_pattern(cfg.data_path)) + shard_files(train_pattern(cfg.data_path)):
+        read_shard_header(shard)  # a truncated shard fails now, not when the loader reaches it hours in
+    lines: list[str] = []
+    val_tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size,
+                                                  cfg.val_max_tokens, lines.append)
+    loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
+    lines.append(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(loader.stream.files)}")
+    floor = synthetic_entropy(cfg.data_path)
+    if floor is not None:
+        lines.append(f"data:synthetic path:{cfg.data_path} entropy_bits_per_byte:{floor:.4f} (the val_bpb floor)")
+    extended = any(getattr(cfg, name, False) for name in CONTEXT_EXTENSIONS)
+    warning = beyond_context(cfg.train_seq_len, (cfg.eval_seq_len or cfg.train_seq_len) if cfg.eval_stride else 0,
+                             extended)
+    return RunData(val_tokens, tables, sidecar, loader, floor, lines + ([warning] if warning else []))
+
+
+def open_run(cfg: Hyperparameters, d: Dist, log: RunLog, data: RunData) -> Path:
+    """Create the run folder and open its log: configuration, environment, then the data lines."""
     run_dir = Path(cfg.out_dir) / cfg.run_id
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    log = RunLog(run_dir if d.is_main else None)
+    log.open(run_dir if d.is_main else None)
     log(f"run_dir:{run_dir}")
     log("config:" + json.dumps(to_dict(cfg)), console=False)
     for line in environment_lines():
@@ -83,7 +134,11 @@ def open_run(cfg: Hyperparameters, d: Dist) -> tuple[Path, RunLog]:
     if PACKED_SINGLE_FILE:  # like the reference script, keep the exact code that ran with its log
         log(Path(sys.modules["__main__"].__file__).read_text(), console=False)
     log.metric("config", **to_dict(cfg))
-    return run_dir, log
+    for line in data.lines:
+        log(line)
+    if data.entropy_floor is not None:
+        log.metric("data", synthetic=True, entropy_bits_per_byte=data.entropy_floor)
+    return run_dir
 
 
 def build_evaluator(cfg: Hyperparameters, d: Dist, tokens, tables, sidecar, autocast_dtype) -> Evaluator:
@@ -170,20 +225,19 @@ class Timer:
         return self.total_ms + (1000.0 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
 
 
-def train(cfg: Hyperparameters, d: Dist) -> dict:
+def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
     """Train, export, read the artifact back and score it. Returns the final metrics."""
-    # 1. run folder, log, seeds, data
+    # 1. checks and data (before the run folder exists), run folder, log, seeds
+    log = RunLog() if log is None else log
     cfg.run_id = agree_run_id(cfg, d)
-    run_dir, log = open_run(cfg, d)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     use_compile, autocast_dtype = resolve_execution(cfg.compile, cfg.autocast, d.device)
     grad_accum = 8 // d.world_size
-    val_tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size,
-                                                  cfg.val_max_tokens, log)
-    evaluator = build_evaluator(cfg, d, val_tokens, tables, sidecar, autocast_dtype)
-    loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
-    log(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(loader.stream.files)}")
+    data = load_checked_data(cfg, d)
+    evaluator = build_evaluator(cfg, d, data.val_tokens, data.tables, data.sidecar, autocast_dtype)
+    loader = data.loader
+    run_dir = open_run(cfg, d, log, data)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
 
     # 2. model, compile, DDP, optimizers
     model = build_model(cfg, d.device)
@@ -213,10 +267,7 @@ def train(cfg: Hyperparameters, d: Dist) -> dict:
     swa = SWA()
     max_ms = 1000.0 * cfg.max_wallclock_seconds
     timer, step, stop_after, qat_on = Timer(d.device), 0, None, cfg.qat and cfg.qat_start_frac == 0
-    bar = None
-    if evaluator.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.iterations, unit="step", dynamic_ncols=True)
+    bar = progress_bar(cfg.iterations) if evaluator.progress else None
     timer.start()
     while True:
         last = step == cfg.iterations or (stop_after is not None and step >= stop_after)
@@ -323,19 +374,71 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
     return out
 
 
+def step_reached(e: BaseException) -> int:
+    """The training loop's step when e was raised: the `step` variable of the innermost frame of this
+    module that has one (the loop keeps no extra bookkeeping for this); 0 before the loop."""
+    step, tb = 0, e.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals.get("step") if tb.tb_frame.f_globals is globals() else None
+        step = local if isinstance(local, int) else step
+        tb = tb.tb_next
+    return step
+
+
+def record_interrupt(log: RunLog, e: KeyboardInterrupt) -> str:
+    """Record Ctrl-C as the run's last log line and metrics record; -> the one line for the terminal."""
+    if log.run_dir is None:
+        return "interrupted before the run started (nothing was written)"
+    step = step_reached(e)
+    log.metric("interrupted", step=step)
+    log(f"interrupted at step {step}", console=False)
+    return f"interrupted at step {step}; {log.run_dir} keeps the log and metrics so far"
+
+
+def record_failure(log: RunLog, e: Exception) -> None:
+    """Record an error as the run's last log line (after its traceback) and a "failed" metrics record."""
+    step, error = step_reached(e), f"{type(e).__name__}: {error_message(e)}"
+    log.metric("failed", step=step, error=error)
+    log("".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip(), console=False)
+    log(f"failed at step {step}: {error}", console=False)
+
+
 def run(cfg: Hyperparameters) -> dict:
+    """One run. Once its folder exists, an error or Ctrl-C is recorded there before it propagates; a
+    finished run ends with its summary line."""
     d = setup_dist()
+    log = RunLog()
     try:
-        final = train(cfg, d)
+        final = train(cfg, d, log)
         d.barrier()  # no rank tears down its communicator while another still uses it
+        log(summary_line(final, synthetic_entropy(cfg.data_path)))
         return final
+    except KeyboardInterrupt as e:
+        close_bars()
+        raise KeyboardInterrupt(record_interrupt(log, e)) from None
+    except Exception as e:
+        close_bars()
+        record_failure(log, e)
+        raise
     finally:
+        log.close()
         teardown_dist(d)
 
 
-def main(argv: list[str] | None = None) -> None:
-    preset, flags = parse_flags(sys.argv[1:] if argv is None else argv)
+def train_from_args(argv: list[str], prog: str) -> int:
+    if wants_help(argv):
+        print(f"usage: {prog} [--preset NAME] [--name=value ...]   (or env vars NAME=value)\n\n{settings_help(argv)}",
+              end="")
+        return 0
+    preset, flags = parse_flags(argv)
     run(resolve(preset, flags=flags))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pgolf.train`, torchrun and the packed train_gpt.py: one-line errors, exit 2 (130 on Ctrl-C)."""
+    prog = Path(sys.argv[0]).name if PACKED_SINGLE_FILE else "python -m pgolf.train"
+    sys.exit(run_command(prog, lambda args: train_from_args(args, prog), sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

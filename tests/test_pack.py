@@ -14,9 +14,12 @@ from pgolf.config import FIELD_TYPES, ConfigError, preset_diff, resolve
 from pgolf.runs import load_run
 
 # The baseline's packed train_gpt.py was 71,968 bytes (readable) and 19,779 bytes (compressed stub)
-# when these ceilings were set, about 9% above; raise them deliberately, not by accident.
-BASELINE_PACKED_CEILING = 78_500
-BASELINE_STUB_CEILING = 21_600
+# when these ceilings were first set, about 9% above. Raised deliberately to 96,000 / 25,600 when the
+# file was 93,044 / 24,809 bytes: the checks before a run starts, failure and Ctrl-C records, one-line
+# errors, the settings help (about 1,300 stub bytes of that) and the summary line added 17,061 / 4,400.
+# Raise them deliberately, not by accident.
+BASELINE_PACKED_CEILING = 96_000
+BASELINE_STUB_CEILING = 25_600
 
 
 def code_size_line(run_dir) -> tuple[int, str]:
