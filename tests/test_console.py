@@ -68,10 +68,11 @@ def test_field_comments_come_from_the_source():
         width: int = 3  # the width
         depth: int = (  # spans lines
             4)
+        height: int = 2
 
         def method(self):
-            width = 5  # not a field comment
-            return width
+            height = 5  # not a field comment
+            return height
 
     assert console.field_comments(Example) == {"width": "the width", "depth": "spans lines"}
 

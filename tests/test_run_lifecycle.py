@@ -35,8 +35,8 @@ def broken_copy(tiny_data, tmp_path, what: str) -> tuple[Path, dict]:
     if what == "empty":
         for shard in data.glob("*.bin"):
             shard.unlink()
-    elif what == "truncated":
-        train.write_bytes(train.read_bytes()[:5000])
+    elif what == "truncated":  # a later shard, which the loader would reach only hours in
+        (data / "fineweb_train_000001.bin").write_bytes(train.read_bytes()[:5000])
     elif what == "wrong header":
         raw = bytearray(train.read_bytes())
         raw[:4] = np.int32(12345).tobytes()
@@ -51,7 +51,7 @@ def broken_copy(tiny_data, tmp_path, what: str) -> tuple[Path, dict]:
 
 START_ERRORS = {
     "empty": "no files match .*fineweb_val_\\[0-9\\]\\*\\.bin; check DATA_PATH",
-    "truncated": "fineweb_train_000000.bin: header says \\d+ tokens .* the shard is truncated or corrupt",
+    "truncated": "fineweb_train_000001.bin: header says \\d+ tokens .* the shard is truncated or corrupt",
     "wrong header": "fineweb_train_000000.bin: magic/version 12345/1, expected 20240520/1",
     "tokenizer": "tokenizer has 512 pieces but VOCAB_SIZE=256",
     "out_dir": "OUT_DIR: .*a_file/runs/start cannot be created, .*a_file is a file; set OUT_DIR to a folder",
