@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -114,6 +113,8 @@ class DistributedTokenLoader:
         self.stream = TokenStream(pattern, vocab_size)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch  # here, not at the top: the data tools (download, synth, prepare) start without torch
+
         local = global_tokens // (self.world_size * grad_accum_steps)
         span = local + 1
         chunk = self.stream.take(span * self.world_size)
