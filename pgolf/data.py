@@ -11,8 +11,12 @@ import glob
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # for annotations only: the loader imports torch when it makes a batch
+    import torch
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -113,7 +117,7 @@ class DistributedTokenLoader:
         self.stream = TokenStream(pattern, vocab_size)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch  # here, not at the top: the data tools (download, synth, prepare) start without torch
+        import torch  # here, not at the top: the data tools (download, synth, prepare) start without it
 
         local = global_tokens // (self.world_size * grad_accum_steps)
         span = local + 1

@@ -21,7 +21,7 @@ from pgolf.fileio import write_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKED_MODULES = ["fileio", "dist", "data", "quant", "model", "eval", "optim", "schedule", "averaging", "config",
-                  "artifact", "console", "train"]
+                  "artifact", "console", "runlog", "train"]
 
 
 class PackError(ValueError):

@@ -6,15 +6,10 @@ Launch: `python -m pgolf.train`, or `torchrun --standalone --nproc_per_node=8 -m
 from __future__ import annotations
 
 import copy
-import json
-import platform
-import subprocess
 import sys
 import time
-import traceback
 import uuid
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,62 +18,17 @@ import torch
 from pgolf.artifact import (ARTIFACT_NAMES, PACKED_SINGLE_FILE, ROUNDTRIP_LOG_NAMES, SIZE_LABELS, budget_line,
                             code_bytes, load_artifact, serialize)
 from pgolf.averaging import SWA
-from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve, to_dict
-from pgolf.console import (close_bars, echo, error_message, progress_bar, run_command, settings_help,
-                           summary_line, wants_help)
-from pgolf.data import (DistributedTokenLoader, read_shard_header, shard_files, synthetic_entropy, train_pattern,
-                        val_pattern)
+from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve
+from pgolf.console import close_bars, progress_bar, run_command, settings_help, summary_line, wants_help
+from pgolf.data import DistributedTokenLoader, synthetic_entropy, train_pattern
 from pgolf.dist import Dist, resolve_execution, setup_dist, teardown_dist
-from pgolf.eval import CONTEXT_EXTENSIONS, ByteTables, Evaluator, beyond_context, load_validation, log_eval
-from pgolf.fileio import check_writable, write_atomic
+from pgolf.eval import Evaluator, log_eval
+from pgolf.fileio import write_atomic
 from pgolf.model import GPT, GPTConfig, mark_qat, set_qat_gate
 from pgolf.optim import AdamConfig, MuonConfig, build_optimizers
 from pgolf.quant import int6_weight_names, split_patterns
+from pgolf.runlog import RunLog, load_checked_data, open_run
 from pgolf.schedule import lr_multiplier, muon_momentum, progress, swa_due
-
-
-class RunLog:
-    """Rank-0 text log (challenge line formats) plus a JSON-lines metrics file. Nothing is written until
-    open() (after the run's checks pass), and nothing on other ranks. Console lines go through echo(),
-    so a progress bar stays intact."""
-
-    def __init__(self):
-        self.run_dir: Path | None = None
-        self.text = self.jsonl = None
-
-    def open(self, run_dir: Path | None) -> None:
-        if run_dir is not None:
-            self.run_dir = run_dir
-            self.text, self.jsonl = open(run_dir / "train.log", "a"), open(run_dir / "metrics.jsonl", "a")
-
-    def __call__(self, msg: str, console: bool = True) -> None:
-        if self.text:
-            if console:
-                echo(msg)
-            self.text.write(msg + "\n")
-            self.text.flush()
-
-    def metric(self, event: str, **fields) -> None:
-        if self.jsonl:
-            self.jsonl.write(json.dumps({"event": event, **fields}) + "\n")
-            self.jsonl.flush()
-
-    def close(self) -> None:
-        for f in (self.text, self.jsonl):
-            if f:
-                f.close()
-        self.text = self.jsonl = None
-
-
-def environment_lines() -> list[str]:
-    lines = [f"python:{platform.python_version()} torch:{torch.__version__} platform:{platform.platform()}"]
-    if torch.cuda.is_available():
-        lines.append(f"cuda:{torch.version.cuda} device:{torch.cuda.get_device_name()}")
-        try:
-            lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return lines
 
 
 def agree_run_id(cfg: Hyperparameters, d: Dist) -> str:
@@ -86,59 +36,6 @@ def agree_run_id(cfg: Hyperparameters, d: Dist) -> str:
     if d.enabled:
         torch.distributed.broadcast_object_list(run_id, src=0)
     return run_id[0]
-
-
-@dataclass
-class RunData:
-    """What a run reads, checked and loaded before its folder exists."""
-    val_tokens: np.ndarray
-    tables: ByteTables
-    sidecar: np.ndarray | None
-    loader: DistributedTokenLoader
-    entropy_floor: float | None  # bits per byte of a synthetic corpus (its synth.json); None for real data
-    lines: list[str]  # for the run's log, once it is open
-
-
-def load_checked_data(cfg: Hyperparameters, d: Dist) -> RunData:
-    """Check the output folder, every shard header and the tokenizer, and load the data, before the run
-    folder exists: a bad OUT_DIR, DATA_PATH, shard or TOKENIZER_PATH fails with nothing left behind."""
-    if d.is_main:
-        check_writable(Path(cfg.out_dir) / cfg.run_id, "OUT_DIR")
-    for shard in shard_files(val_pattern(cfg.data_path)) + shard_files(train_pattern(cfg.data_path)):
-        read_shard_header(shard)  # a truncated shard fails now, not when the loader reaches it hours in
-    lines: list[str] = []
-    val_tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size,
-                                                  cfg.val_max_tokens, lines.append)
-    loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
-    lines.append(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(loader.stream.files)}")
-    floor = synthetic_entropy(cfg.data_path)
-    if floor is not None:
-        lines.append(f"data:synthetic path:{cfg.data_path} entropy_bits_per_byte:{floor:.4f} (the val_bpb floor)")
-    extended = any(getattr(cfg, name, False) for name in CONTEXT_EXTENSIONS)
-    warning = beyond_context(cfg.train_seq_len, (cfg.eval_seq_len or cfg.train_seq_len) if cfg.eval_stride else 0,
-                             extended)
-    return RunData(val_tokens, tables, sidecar, loader, floor, lines + ([warning] if warning else []))
-
-
-def open_run(cfg: Hyperparameters, d: Dist, log: RunLog, data: RunData) -> Path:
-    """Create the run folder and open its log: configuration, environment, then the data lines."""
-    run_dir = Path(cfg.out_dir) / cfg.run_id
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    log.open(run_dir if d.is_main else None)
-    log(f"run_dir:{run_dir}")
-    log("config:" + json.dumps(to_dict(cfg)), console=False)
-    for line in environment_lines():
-        log(line, console=False)
-    if PACKED_SINGLE_FILE:  # like the reference script, keep the exact code that ran with its log
-        log(Path(sys.modules["__main__"].__file__).read_text(), console=False)
-    log.metric("config", **to_dict(cfg))
-    for line in data.lines:
-        log(line)
-    if data.entropy_floor is not None:
-        log.metric("data", synthetic=True, entropy_bits_per_byte=data.entropy_floor)
-    return run_dir
 
 
 def build_evaluator(cfg: Hyperparameters, d: Dist, tokens, tables, sidecar, autocast_dtype) -> Evaluator:
@@ -385,24 +282,6 @@ def step_reached(e: BaseException) -> int:
     return step
 
 
-def record_interrupt(log: RunLog, e: KeyboardInterrupt) -> str:
-    """Record Ctrl-C as the run's last log line and metrics record; -> the one line for the terminal."""
-    if log.run_dir is None:
-        return "interrupted before the run started (nothing was written)"
-    step = step_reached(e)
-    log.metric("interrupted", step=step)
-    log(f"interrupted at step {step}", console=False)
-    return f"interrupted at step {step}; {log.run_dir} keeps the log and metrics so far"
-
-
-def record_failure(log: RunLog, e: Exception) -> None:
-    """Record an error as the run's last log line (after its traceback) and a "failed" metrics record."""
-    step, error = step_reached(e), f"{type(e).__name__}: {error_message(e)}"
-    log.metric("failed", step=step, error=error)
-    log("".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip(), console=False)
-    log(f"failed at step {step}: {error}", console=False)
-
-
 def run(cfg: Hyperparameters) -> dict:
     """One run. Once its folder exists, an error or Ctrl-C is recorded there before it propagates; a
     finished run ends with its summary line."""
@@ -415,10 +294,10 @@ def run(cfg: Hyperparameters) -> dict:
         return final
     except KeyboardInterrupt as e:
         close_bars()
-        raise KeyboardInterrupt(record_interrupt(log, e)) from None
+        raise KeyboardInterrupt(log.interrupted(step_reached(e))) from None
     except Exception as e:
         close_bars()
-        record_failure(log, e)
+        log.failed(step_reached(e), e)
         raise
     finally:
         log.close()

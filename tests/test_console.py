@@ -14,7 +14,7 @@ from pgolf import console
 from pgolf.cli import COMMANDS, main
 from pgolf.config import GROUPS, PRESET_HELP, PRESETS, ConfigError, Hyperparameters, parse_flags, resolve
 from pgolf.model import GPTConfig
-from tests.conftest import PYTHON, REPO, run_cmd
+from tests.conftest import PYTHON, run_cmd
 
 
 # ---- pgolf train --help ------------------------------------------------------------------------------
