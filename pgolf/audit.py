@@ -298,9 +298,7 @@ def parse_args(argv: list[str]):
 
     from pgolf.eval_artifact import add_settings_arguments
 
-    p = argparse.ArgumentParser(prog="pgolf audit", description="Test an evaluation of a saved artifact against the "
-                                "four conditions of a legal score (causality, normalization, score before update, "
-                                "single pass) and its byte count; exit 1 on any FAIL.")
+    p = argparse.ArgumentParser(prog="pgolf audit", description=__doc__.split("\n\n")[0] + " Exit 1 on any FAIL.")
     add_settings_arguments(p)
     p.add_argument("--mode", choices=MODES, default="standard", help="the evaluation to audit (default: standard)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,

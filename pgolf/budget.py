@@ -1,4 +1,4 @@
-"""`pgolf budget --preset P [--set KEY=VALUE ...]`: will the configuration fit, before any training?
+"""`pgolf budget --preset P [--name=value ...]`: will the configuration fit, before any training?
 
 - Parameters are counted per tensor class (embedding, attention, MLP, ...) from the model built on
   the meta device (no memory, no initialisation).
@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from dataclasses import dataclass, replace
@@ -217,20 +216,18 @@ def format_prediction(pred: Prediction, planner: Planner) -> list[str]:
 
 
 def budget_command(argv: list[str]) -> int:
-    from pgolf.pack import parse_sets
+    from pgolf.options import command_parser, parse_with_settings
 
-    parser = argparse.ArgumentParser(prog="pgolf budget", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="baseline")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser = command_parser("pgolf budget", __doc__, settings=True)
     parser.add_argument("--calibrate", metavar="ARTIFACT", help="measure the ratios on a real run's artifact (.ptz)")
     parser.add_argument("--compress", action="store_true", help="count the compressed train_gpt.py stub as the code")
     parser.add_argument("--no-search", action="store_true", help="skip the largest-width / largest-depth search")
-    args = parser.parse_args(argv)
-    cfg = resolve(args.preset, env={}, flags=parse_sets(args.sets))
+    args, flags = parse_with_settings(parser, argv)
+    cfg = resolve(args.preset, env={}, flags=flags)
     planner = Planner(cfg, args.calibrate)
     pred = predict(planner, cfg, code_size(cfg, args.compress))
     hidden = int(round(cfg.mlp_mult * cfg.model_dim))
-    overrides = "".join(f" --set {s}" for s in args.sets)
+    overrides = "".join(f" --{k}={v}" for k, v in flags.items())
     print(f"budget: preset {args.preset}{overrides}: {cfg.num_layers} layers x {cfg.model_dim}, "
           f"MLP hidden {hidden}, vocab {cfg.vocab_size}, export {cfg.quant_format} ({planner.codec})")
     print("\n".join(format_prediction(pred, planner)))

@@ -22,21 +22,48 @@ COMMANDS = {
 SYNTH_DIR = "./data/synth"
 
 
+TRAIN_USAGE = """usage: pgolf train [--preset NAME] [--name=value ...]      (or env vars: NAME=value pgolf train)
+
+Train a model, write the artifact, read it back from disk into a fresh model and score that.
+"""
+
+TRAIN_EXAMPLES = """
+examples:
+  pgolf train --preset smoke                      # offline: synthetic corpus in ./data/synth, no download
+  pgolf train --preset smoke --num_layers=4 --iterations=300
+  pgolf train --preset smoke --help               # this list with the smoke preset's values
+  DATA_PATH=DIR TOKENIZER_PATH=FILE VOCAB_SIZE=1024 pgolf train --preset smoke   # your own shards
+  NUM_LAYERS=11 RUN_ID=try1 pgolf train --preset seed170 --muon_weight_decay=0.038
+  torchrun --standalone --nproc_per_node=8 -m pgolf.train                       # 8 GPUs, baseline preset
+A run writes runs/<RUN_ID>/: train.log, metrics.jsonl, config.json, final_model.pt and the artifact.
+"""
+
+
 def train_command(argv: list[str]) -> int:
     from pgolf.config import parse_flags, resolve
+    from pgolf.console import settings_help, wants_help
     from pgolf.train import run
 
+    if wants_help(argv):
+        print(TRAIN_USAGE + "\n" + settings_help(argv) + TRAIN_EXAMPLES, end="")
+        return 0
     preset, flags = parse_flags(argv)
     cfg = resolve(preset, flags=flags)
     if not cfg.data_path:  # the smoke preset's offline default: the synthetic corpus
-        from pgolf.synth import ensure_synthetic_dataset
-
-        meta = ensure_synthetic_dataset(SYNTH_DIR, vocab_size=cfg.vocab_size)
-        cfg.data_path, cfg.tokenizer_path = SYNTH_DIR, meta["tokenizer"]
-        print(f"data:synthetic path:{SYNTH_DIR} entropy_bits_per_byte:{meta['entropy_bits_per_byte']:.4f} "
-              "(the val_bpb floor)")
+        cfg.data_path, cfg.tokenizer_path = SYNTH_DIR, synthetic_corpus(cfg.vocab_size)
     run(cfg)
     return 0
+
+
+def synthetic_corpus(vocab_size: int) -> str:
+    """Make (or reuse) the offline corpus in SYNTH_DIR; -> its tokenizer path."""
+    from pgolf.synth import ensure_synthetic_dataset
+
+    try:
+        return ensure_synthetic_dataset(SYNTH_DIR, vocab_size=vocab_size)["tokenizer"]
+    except PermissionError as e:
+        raise PermissionError(f"cannot write the synthetic corpus to {SYNTH_DIR} ({e.filename}: {e.strerror}); run "
+                              "from a folder you can write to, or set DATA_PATH and TOKENIZER_PATH to a dataset") from None
 
 
 def data_command(argv: list[str]) -> int:
@@ -136,13 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<{width}}  {help_text}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     module, func = COMMANDS[argv[0]][0].split(":")
-    from pgolf.config import ConfigError
+    from pgolf.console import run_command
 
-    try:
-        return getattr(importlib.import_module(module), func)(argv[1:]) or 0
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"pgolf {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(f"pgolf {argv[0]}", lambda args: getattr(importlib.import_module(module), func)(args), argv[1:])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ components take their own settings dataclass or plain values.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, fields
 
@@ -27,7 +28,7 @@ DEFAULT_PRESET = "baseline"  # the packed train_gpt.py points this at its own pr
 
 @dataclass
 class DataSettings:
-    data_path: str = "./data/datasets/fineweb10B_sp1024"  # dir with fineweb_{train,val}_*.bin
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # dir with fineweb_{train,val}_*.bin ("": pgolf train makes ./data/synth)
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model of the shards
     run_id: str = ""  # empty: a fresh id per run
     out_dir: str = "runs"  # each run writes out_dir/run_id/
@@ -213,9 +214,27 @@ PRESETS["frontier-bench"] = {
     "parallel_start_layer": 3, "xsa_last_n": 4, "ema_decay": 0.0, "train_log_every": 10,
 }
 
+# One line per preset for `pgolf train --help` (a test keeps it in step with PRESETS).
+PRESET_HELP: dict[str, str] = {
+    "baseline": "the challenge's train_gpt.py exactly: 9x512, vocab 1024, seq 1024, int8+zlib, 600 s cap (needs data)",
+    "smoke": "2x64 model on the offline synthetic corpus, 150 steps: a few minutes on 2 CPU cores, no data needed",
+    "seed137": "record PR #137: MLP 3x, int6 STE QAT, NorMuon, Muon WD, SWA, seq 2048, int6+zstd, sliding eval",
+    "seed170": "record PR #170: MLP 3x, int6 STE QAT, SmearGate, Muon WD 0.01, int6+zstd, sliding eval",
+    "seed170-11l": "PR #170's second run: seed170 with 11 layers and Muon WD 0.038",
+    "frontier": "the 1.0611 record's training stack: 11x512, MLP 4x, XSA, loop, lanes, EMA, Polar Express; vocab 8192",
+    "frontier-bench": "the frontier stack at the CPU bench shape: 4x256, seq 256, 16,384 tokens/step, 60 steps",
+}
+
 
 class ConfigError(ValueError):
     pass
+
+
+def _unknown(what: str, name: str, spell) -> ConfigError:
+    """Unknown setting: suggest the closest names (not all of them) and where the full list is."""
+    close = difflib.get_close_matches(name, FIELD_TYPES, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(map(spell, close))}? " if close else ""
+    return ConfigError(f"unknown setting {what}; {hint}`pgolf train --help` lists every setting")
 
 
 def _coerce(name: str, raw: str, typ: str):
@@ -262,7 +281,7 @@ def resolve_traced(preset: str | None = None, env: dict | None = None, flags: di
             name = key[len(ENV_PREFIX):].lower()
             name = ALIASES.get(name, name)
             if name not in FIELD_TYPES:
-                raise ConfigError(f"unknown setting in env var {key}; valid names: {', '.join(FIELD_TYPES)}")
+                raise _unknown(f"in env var {key}", name, lambda n: ENV_PREFIX + n.upper())
             values[name], origin[name] = _coerce(key, raw, FIELD_TYPES[name]), f"env {key}"
     spellings = [(n, n) for n in FIELD_TYPES] + list(ALIASES.items())
     for spelling, name in spellings:
@@ -273,7 +292,7 @@ def resolve_traced(preset: str | None = None, env: dict | None = None, flags: di
         name = key.replace("-", "_").lower()
         name = ALIASES.get(name, name)
         if name not in FIELD_TYPES:
-            raise ConfigError(f"unknown setting --{key}; valid names: {', '.join(FIELD_TYPES)}")
+            raise _unknown(f"--{key}", name, lambda n: f"--{n}")
         values[name] = raw if not isinstance(raw, str) else _coerce(f"--{key}", raw, FIELD_TYPES[name])
         origin[name] = f"flag --{key}"
     cfg = Hyperparameters(**values)
@@ -288,17 +307,24 @@ def resolve(preset: str | None = None, env: dict | None = None, flags: dict | No
 
 
 def parse_flags(argv: list[str]) -> tuple[str | None, dict]:
-    """Split `--preset P` / `--key=value` / `--key value` into (preset, flags)."""
+    """Split `--preset P` / `--key=value` / `--key value` / `--set KEY=VALUE` into (preset, flags).
+
+    `--set KEY=VALUE` is the same override spelled as the other commands used to spell it."""
     preset, flags, i = None, {}, 0
     while i < len(argv):
         arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; settings are --key=value")
+        if not arg.startswith("--") or arg == "--help":
+            raise ConfigError(f"unexpected argument {arg!r}; settings are --key=value (--help lists them)")
         key, eq, val = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(argv):
                 raise ConfigError(f"--{key} needs a value")
             val, i = argv[i + 1], i + 1
+        if key == "set":
+            pair = val
+            key, eq, val = pair.partition("=")
+            if not eq or not key:
+                raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set num_layers=11")
         if key == "preset":
             preset = val
         else:

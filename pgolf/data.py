@@ -8,16 +8,21 @@ loader does, so 1 and 8 processes consume the same tokens per step.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # for annotations only: the loader imports torch when it makes a batch
+    import torch
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_WORDS = 256
 HEADER_BYTES = HEADER_WORDS * 4
+SYNTH_META = "synth.json"  # beside the shards of a synthetic corpus (`pgolf data synth`), written last
 
 
 class ShardError(ValueError):
@@ -112,6 +117,8 @@ class DistributedTokenLoader:
         self.stream = TokenStream(pattern, vocab_size)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch  # here, not at the top: the data tools (download, synth, prepare) start without it
+
         local = global_tokens // (self.world_size * grad_accum_steps)
         span = local + 1
         chunk = self.stream.take(span * self.world_size)
@@ -149,3 +156,14 @@ def val_pattern(data_path: str) -> str:
 
 def sidecar_pattern(data_path: str) -> str:
     return os.path.join(data_path, "fineweb_val_bytes_*.bin")
+
+
+def synthetic_entropy(data_path: str) -> float | None:
+    """The entropy rate (bits per byte, the val_bpb floor) of a synthetic corpus; None for other data."""
+    meta = Path(data_path) / SYNTH_META
+    if not meta.is_file():
+        return None
+    try:
+        return float(json.loads(meta.read_text())["entropy_bits_per_byte"])
+    except (ValueError, KeyError, TypeError):
+        raise ShardError(f"{meta}: no entropy_bits_per_byte in it; remake the corpus with `pgolf data synth`") from None

@@ -16,6 +16,9 @@ import importlib
 import json
 import os
 import shutil
+import socket
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Protocol
@@ -26,6 +29,7 @@ DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_ROOT = "datasets"
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_KEYS = ("model_path", "vocab_path", "path")
+PROBE_SECONDS = 3.0  # one quick connection attempt: offline fails at once, not after a minute of retries
 
 
 class HubUnavailable(ValueError):
@@ -37,6 +41,9 @@ class RemoteMissing(ValueError):
 
 
 class Hub(Protocol):
+    def check(self) -> None:
+        """Raise HubUnavailable at once when the source cannot be reached (before anything is written)."""
+
     def size(self, remote_path: str) -> int: ...
 
     def fetch(self, remote_path: str, local_path: Path) -> None:
@@ -48,6 +55,24 @@ def offline_message(source: str, dest: Path, reason: str) -> str:
             f"--dest {dest} in the challenge layout (complete files are kept, not fetched again) or point "
             "DATA_PATH/TOKENIZER_PATH at them; or build a dataset from raw documents with "
             "`pgolf data prepare --docs DOCS.jsonl --out DIR`")
+
+
+def unreachable(endpoint: str, offline: bool, timeout: float = PROBE_SECONDS) -> str | None:
+    """Why `endpoint` cannot be reached (offline mode, no DNS, no TCP connection to it or to the proxy
+    in its way within `timeout`), or None when it answers."""
+    if offline:
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):  # then the proxy is what must answer
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = p.hostname, p.port or 80
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"no connection to {host}:{port}: {e.strerror or e or type(e).__name__}"
+    return None
 
 
 def _transport_errors() -> tuple[type, ...]:
@@ -68,6 +93,13 @@ class HfHub:
     def __init__(self, repo_id: str, dest: Path):
         self.repo_id, self.dest = repo_id, Path(dest)
         self.staging = self.dest / ".download"
+
+    def check(self) -> None:
+        from huggingface_hub import constants
+
+        reason = unreachable(constants.ENDPOINT, constants.HF_HUB_OFFLINE)
+        if reason:
+            raise HubUnavailable(offline_message(f"the Hugging Face hub for {self.repo_id}", self.dest, reason))
 
     @contextmanager
     def _errors(self, remote_path: str):
@@ -107,6 +139,9 @@ class LocalHub:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    def check(self) -> None:
+        pass  # a missing file is reported by the call that needs it
 
     def _source(self, remote_path: str) -> Path:
         source = self.root / remote_path
@@ -217,6 +252,7 @@ def download(variant: str, train_shards: int, dest: str | Path, hub: Hub, *,
     """Fetch manifest, every val shard, min(train_shards, available) train shards and the tokenizer."""
     if train_shards < 0:
         raise ValueError(f"--train-shards {train_shards}: must be >= 0")
+    hub.check()  # before --dest is created: an unreachable hub leaves nothing behind
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     remote_root = remote_root.strip("/")

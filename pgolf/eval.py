@@ -198,6 +198,10 @@ def load_validation(data_path: str, tokenizer_path: str, vocab_size: int, max_to
     if sp.vocab_size() > vocab_size:
         raise ValueError(f"{tokenizer_path}: tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE="
                          f"{vocab_size}; set VOCAB_SIZE to at least the tokenizer's size")
+    if vocab_size > sp.vocab_size():  # allowed on purpose (a padded table can be faster), but never silently
+        log(f"vocab_padding:{vocab_size - sp.vocab_size()} VOCAB_SIZE={vocab_size} tokenizer_pieces:{sp.vocab_size()} "
+            "(the rows above the tokenizer's ids are never an input or a target, yet they are trained, stored and "
+            f"counted in the artifact; set VOCAB_SIZE={sp.vocab_size()} to drop them)")
     tables = byte_tables(sp, vocab_size)
     tokens = load_tokens(val_pattern(data_path), vocab_size, max_tokens)
     sidecar = load_byte_sidecar(data_path, len(tokens), max_tokens)
@@ -205,6 +209,20 @@ def load_validation(data_path: str, tokenizer_path: str, vocab_size: int, max_to
         + (" byte_sidecar:enabled" if sidecar is not None else ""))
     log(f"val_loader:shards pattern={val_pattern(data_path)} tokens:{len(tokens)}")
     return tokens, tables, sidecar
+
+
+# Settings that extend a model's context past its training length (YaRN will be ROPE_YARN); while one is
+# on, scoring windows longer than TRAIN_SEQ_LEN is expected, so beyond_context() does not warn.
+CONTEXT_EXTENSIONS = ("rope_yarn",)
+
+
+def beyond_context(train_seq_len: int, eval_seq_len: int, extended: bool) -> str | None:
+    """A warning line when windows of eval_seq_len tokens go past the training context without an extension."""
+    if eval_seq_len <= train_seq_len or extended:
+        return None
+    return (f"warning: scoring {eval_seq_len}-token windows, {eval_seq_len / train_seq_len:g}x the training context "
+            f"of {train_seq_len} (TRAIN_SEQ_LEN); without a context extension such as ROPE_YARN the model has never "
+            f"seen positions past {train_seq_len}, so expect a worse score than at {train_seq_len}")
 
 
 class Evaluator:

@@ -20,7 +20,7 @@ import torch
 from pgolf.artifact import ROUNDTRIP_LOG_NAMES, load_artifact
 from pgolf.config import FIELD_TYPES, Hyperparameters, resolve_traced
 from pgolf.dist import resolve_execution, setup_dist, teardown_dist
-from pgolf.eval import Evaluator, load_sentencepiece, load_validation, log_eval
+from pgolf.eval import CONTEXT_EXTENSIONS, Evaluator, beyond_context, load_sentencepiece, load_validation, log_eval
 from pgolf.model import GPT, rebuild_model
 
 DEFAULT_STRIDE = 64
@@ -31,7 +31,7 @@ def add_settings_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="final_model.*.ptz written by pgolf train")
     p.add_argument("--stride", type=int, default=None,
                    help=f"sliding-window stride (default: the run's EVAL_STRIDE, else {DEFAULT_STRIDE}, "
-                        "capped at seq_len; 0 skips the sliding eval)")
+                        "capped at seq_len; 0 skips the sliding eval; --seq-len alone turns it on)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="sliding-window length (default: the run's EVAL_SEQ_LEN or TRAIN_SEQ_LEN)")
     p.add_argument("--batch-seqs", type=int, default=None, help="windows per forward per rank (default: EVAL_BATCH_SEQS)")
@@ -78,7 +78,9 @@ def run_settings(args: argparse.Namespace, model_config: dict, env: dict | None 
         detail = ", ".join(f"{k.upper()}={getattr(cfg, k)!r} ({origin[k]}) vs {model_config[k]!r}" for k in clash)
         raise ValueError(f"{args.artifact}: the model is fixed by the artifact, but {detail}; unset those settings")
     eval_len = cfg.eval_seq_len or cfg.train_seq_len
-    if "eval_stride" not in origin and not cfg.eval_stride:
+    # --seq-len asks for a sliding eval, even of a run that had none (its saved EVAL_STRIDE=0)
+    asked = args.seq_len is not None and origin.get("eval_stride") == "saved config"
+    if not cfg.eval_stride and ("eval_stride" not in origin or asked):
         cfg.eval_stride = min(DEFAULT_STRIDE, eval_len)
     if cfg.eval_stride < 0 or cfg.eval_stride > eval_len or cfg.eval_batch_seqs < 1:
         raise ValueError(f"stride {cfg.eval_stride} must be in [0, seq_len={eval_len}] and batch seqs "
@@ -148,6 +150,10 @@ def main(argv: list[str]) -> int:
         log(f"eval_artifact:{args.artifact} format:{fmt} bytes:{Path(args.artifact).stat().st_size} "
             f"model:{json.dumps(model_config, sort_keys=True)}")
         evaluator = build_evaluator(cfg, origin, d, log, autocast_dtype, progress=d.is_main and sys.stderr.isatty())
+        extended = any(getattr(cfg, name, False) for name in CONTEXT_EXTENSIONS)
+        warning = beyond_context(cfg.train_seq_len, evaluator.eval_seq_len if cfg.eval_stride else 0, extended)
+        if warning:
+            log(warning)
         model = model.to(d.device)
         hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else None
         log(f"world_size:{d.world_size} device:{d.device} compile:{use_compile} autocast:{autocast_dtype}")

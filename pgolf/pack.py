@@ -21,7 +21,7 @@ from pgolf.fileio import write_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKED_MODULES = ["fileio", "dist", "data", "quant", "layers", "loss", "model", "eval", "optim", "schedule",
-                  "averaging", "config", "artifact", "train"]
+                  "averaging", "config", "artifact", "console", "runlog", "train"]
 
 
 class PackError(ValueError):
@@ -82,7 +82,8 @@ def packed_source(defaults: dict | None = None) -> str:
         all_imports += [i for i in imports if i not in all_imports]
         if module == "config":
             packed = dict(sorted((defaults or {}).items()))
-            body += f"\n\nPRESETS['packed'] = {packed!r}\nDEFAULT_PRESET = 'packed'"
+            body += (f"\n\nPRESETS['packed'] = {packed!r}\nDEFAULT_PRESET = 'packed'\n"
+                     "PRESET_HELP['packed'] = 'the configuration this file was packed with (its default)'")
         if module == "artifact":
             body = body.replace("PACKED_SINGLE_FILE = False", "PACKED_SINGLE_FILE = True")
         bodies.append(f"# ---- {module} ----\n{body}")
@@ -175,33 +176,18 @@ def write_packed(out_dir: str | Path, defaults: dict, compress: bool = False, fo
     return {str(p): len(d) for p, d in targets.items()}
 
 
-def parse_sets(pairs: list[str]) -> dict[str, str]:
-    """`--set KEY=VALUE` pairs -> flags for config.resolve (which rejects unknown keys)."""
-    flags = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise PackError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set num_layers=11")
-        flags[key.strip()] = value
-    return flags
-
-
 def pack_command(argv: list[str]) -> int:
-    import argparse
-
     from pgolf.config import preset_diff, resolve
+    from pgolf.options import command_parser, parse_with_settings
 
-    parser = argparse.ArgumentParser(prog="pgolf pack", description="write a self-contained train_gpt.py")
-    parser.add_argument("--preset", default="baseline")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting of the preset (repeatable)")
+    parser = command_parser("pgolf pack", __doc__, settings=True)
     parser.add_argument("--out", required=True, help="folder for train_gpt.py, e.g. records/<date>_<slug>/")
     parser.add_argument("--compress", action="store_true",
                         help=f"train_gpt.py becomes the minified lzma+base85 stub (readable copy: {READABLE_NAME})")
     parser.add_argument("--force", action="store_true", help="overwrite an existing train_gpt.py")
-    args = parser.parse_args(argv)
-    # Only the preset and --set shape the defaults: the shell's env vars must not leak into the file.
-    cfg = resolve(args.preset, env={}, flags=parse_sets(args.sets))
+    args, flags = parse_with_settings(parser, argv)
+    # Only the preset and the settings given shape the defaults: the shell's env vars must not leak into the file.
+    cfg = resolve(args.preset, env={}, flags=flags)
     written = write_packed(args.out, preset_diff(cfg), compress=args.compress, force=args.force)
     for path, size in written.items():
         print(f"wrote {path}: {size} bytes")

@@ -13,7 +13,6 @@ runs whose logged code size belongs to another train_gpt.py than the one shipped
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import json
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from pgolf.artifact import SIZE_LIMIT
 from pgolf.config import Hyperparameters, preset_diff
+from pgolf.options import command_parser
 from pgolf.pack import READABLE_NAME, compressed_stub, packed_source
 from pgolf.runs import PER_RUN_KEYS, Run, RunError, check_same_config, load_runs, new_folder
 from pgolf.stats import mean_std
@@ -244,7 +244,7 @@ def readme(runs: list[Run], sub: dict, files: dict[str, int], shipped_from: str,
 
 
 def record_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pgolf record", description=__doc__.splitlines()[0])
+    parser = command_parser("pgolf record", __doc__)
     parser.add_argument("runs", nargs="+", help="finished run folders of one configuration (one per seed)")
     parser.add_argument("--out", required=True, help="new folder, e.g. records/track_10min_16mb/<date>_<slug>")
     for flag in ("--author", "--github-id", "--name", "--blurb"):

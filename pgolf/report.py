@@ -1,14 +1,16 @@
 """`pgolf report RUN_DIR... --out report/`: a markdown table of the final metrics and PNG curves.
 
 Plots (several runs overlaid): train loss and val_bpb, each against step and against training
-wallclock. Runs that have not finished are plotted and listed without final scores.
+wallclock; the val_bpb plots draw the entropy floor of a synthetic corpus (no model can score below
+it). Runs that have not finished are plotted and listed without final scores, with their status:
+failed or interrupted at step N (from their metrics), or unfinished (still running, or killed).
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from pgolf.artifact import SIZE_LIMIT
+from pgolf.options import command_parser
 from pgolf.runs import Run, load_runs, new_folder
 
 PLOTS = {  # file -> (event, metric, x axis, y label)
@@ -18,21 +20,28 @@ PLOTS = {  # file -> (event, metric, x axis, y label)
     "val_bpb_vs_time.png": ("val", "val_bpb", "time", "val_bpb (pre-quantization)"),
 }
 COLUMNS = ["run", "seed", "steps", "train s", "val_loss", "val_bpb", "pre-quant bpb", "round-trip bpb",
-           "sliding bpb", "bytes total", "headroom"]
+           "sliding bpb", "entropy floor", "bytes total", "headroom", "status"]
 
 
 def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _cell(text: str, limit: int = 90) -> str:
+    text = text.replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def table_row(run: Run) -> list[str]:
-    f = run.final
-    if f is None:
-        return [run.run_id, str(run.seed)] + ["—"] * (len(COLUMNS) - 3) + ["(unfinished)"]
+    f, floor = run.final, _fmt(run.entropy_floor, ".5f")
+    if f is None:  # steps: where it stopped, or the last step it logged
+        logged = run.series("train", "train_loss")[0]
+        reached = (run.early_end or {}).get("step", logged[-1] if logged else None)
+        return [run.run_id, str(run.seed), _fmt(reached, "d")] + ["—"] * 6 + [floor, "—", "—", _cell(run.status)]
     return [run.run_id, str(run.seed), str(f["step_stop"]), _fmt(f["train_time_ms"] / 1000, ".1f"),
             _fmt(f["val_loss"], ".5f"), _fmt(f["val_bpb"], ".5f"), _fmt(f.get("pre_quant_val_bpb"), ".5f"),
-            _fmt(f.get("roundtrip_val_bpb"), ".5f"), _fmt(f.get("sliding_val_bpb"), ".5f"),
-            _fmt(f["bytes_total"], ","), _fmt(SIZE_LIMIT - f["bytes_total"], ",")]
+            _fmt(f.get("roundtrip_val_bpb"), ".5f"), _fmt(f.get("sliding_val_bpb"), ".5f"), floor,
+            _fmt(f["bytes_total"], ","), _fmt(SIZE_LIMIT - f["bytes_total"], ","), run.status]
 
 
 def markdown_table(runs: list[Run]) -> str:
@@ -56,11 +65,18 @@ def plot(runs: list[Run], event: str, metric: str, x_axis: str, ylabel: str, pat
         if not values:
             continue
         xs = steps if x_axis == "step" else [t / 1000 for t in times]
-        line, = ax.plot(xs, values, marker="o" if len(values) < 20 else None, markersize=3, label=run.label)
+        end = run.early_end
+        label = run.label + (f" [{end['event']} at step {end.get('step', '?')}]" if end else "")
+        line, = ax.plot(xs, values, marker="o" if len(values) < 20 else None, markersize=3, label=label)
+        if end:  # where it stopped
+            ax.plot(xs[-1:], values[-1:], marker="x", markersize=10, color=line.get_color())
         if event == "val" and run.final:  # the headline score after export, at the last step
             x = run.final["step_stop"] if x_axis == "step" else run.final["train_time_ms"] / 1000
             ax.plot([x], [run.final["val_bpb"]], marker="*", markersize=11, color=line.get_color())
         drawn += 1
+    if metric == "val_bpb":
+        for floor in sorted({r.entropy_floor for r in runs if r.entropy_floor is not None}):
+            ax.axhline(floor, linestyle="--", color="gray", label=f"entropy floor {floor:.4f} (synthetic corpus)")
     ax.set_xlabel("step" if x_axis == "step" else "training wallclock (s)")
     ax.set_ylabel(ylabel)
     ax.set_title(f"{metric} vs {'step' if x_axis == 'step' else 'wallclock'}")
@@ -82,8 +98,10 @@ def write_report(runs: list[Run], out: str | Path) -> Path:
                 notes.append(f"- {name}: no run has `{event}` events with {metric}")
         md = ["# Run report", "", markdown_table(runs)]
         md += ["Scores in nats (val_loss) and bits per byte; val_bpb is the headline score (sliding window if run, "
-               f"else the artifact round trip); headroom is against {SIZE_LIMIT:,} bytes. In the val_bpb plots "
-               "the dots are the pre-quantization validations and the star is the final headline score.", ""]
+               f"else the artifact round trip); headroom is against {SIZE_LIMIT:,} bytes; the entropy floor is the "
+               "val_bpb no model can beat on a synthetic corpus (dashed in the val_bpb plots). In the val_bpb plots "
+               "the dots are the pre-quantization validations and the star is the final headline score; a cross "
+               "marks where a failed or interrupted run stopped.", ""]
         md += [f"![{name}]({name})" for name in PLOTS] + [""] + notes
         md += ["", "Runs:"] + [f"- `{r.path}`" for r in runs]
         (tmp / "report.md").write_text("\n".join(md) + "\n")
@@ -91,7 +109,7 @@ def write_report(runs: list[Run], out: str | Path) -> Path:
 
 
 def report_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pgolf report", description=__doc__.splitlines()[0])
+    parser = command_parser("pgolf report", __doc__)
     parser.add_argument("runs", nargs="+", help="run folders (runs/<run_id>/)")
     parser.add_argument("--out", default="report", help="new folder for report.md and the plots")
     args = parser.parse_args(argv)

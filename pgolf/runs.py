@@ -2,7 +2,8 @@
 configuration groups. Shared by the record, significance and report commands.
 
 A run folder holds `config.json` (every hyperparameter), `metrics.jsonl` (one JSON object per line,
-each with an "event" name: config, train, val, the final-eval names and "final") and `train.log`.
+each with an "event" name: config, data, train, val, the final-eval names and "final"; a run that
+stopped early ends with "failed" or "interrupted" instead) and `train.log`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 # Settings that legitimately differ between the runs of one configuration.
 PER_RUN_KEYS = ("seed", "run_id", "out_dir")
+EARLY_ENDS = ("failed", "interrupted")  # the metrics record a run writes when it stops before "final"
 
 
 class RunError(ValueError):
@@ -40,6 +42,29 @@ class Run:
     @property
     def label(self) -> str:
         return f"{self.run_id} (seed {self.seed})"
+
+    @property
+    def early_end(self) -> dict | None:
+        """The "failed" / "interrupted" record of a run that stopped early (None otherwise)."""
+        ends = [e for e in self.events if e["event"] in EARLY_ENDS]
+        return ends[-1] if ends and self.final is None else None
+
+    @property
+    def status(self) -> str:
+        """finished | failed at step N: error | interrupted at step N | unfinished (running, or killed)."""
+        if self.final is not None:
+            return "finished"
+        end = self.early_end
+        if end is None:
+            return "unfinished (still running, or killed without a record)"
+        what = f"{end['event']} at step {end.get('step', '?')}"
+        return f"{what}: {end['error']}" if end.get("error") else what
+
+    @property
+    def entropy_floor(self) -> float | None:
+        """The val_bpb floor of a synthetic-corpus run (its "data" record), None on real data."""
+        data = next((e for e in self.events if e["event"] == "data" and "entropy_bits_per_byte" in e), None)
+        return None if data is None else data["entropy_bits_per_byte"]
 
     def series(self, event: str, key: str) -> tuple[list[int], list[float], list[float]]:
         """(steps, train_time_ms, values) of one metric over the events of one kind."""
@@ -86,10 +111,11 @@ def load_run(path: str | Path, require_final: bool = True) -> Run:
             raise RunError(f"{path}: neither config.json nor a \"config\" event in metrics.jsonl")
     finals = [e for e in events if e["event"] == "final"]
     final = finals[-1] if finals else None
+    run = Run(path=path, config=config, events=events, final=final)
     if require_final and final is None:
-        raise RunError(f"{path}: metrics.jsonl has no \"final\" event, so the run did not finish (still running "
-                       "or crashed); wait for it or leave it out")
-    return Run(path=path, config=config, events=events, final=final)
+        raise RunError(f"{path}: metrics.jsonl has no \"final\" event, so the run did not finish ({run.status}); "
+                       "wait for it or leave it out")
+    return run
 
 
 def load_runs(paths, require_final: bool = True) -> list[Run]:

@@ -6,7 +6,6 @@ Runs use the package (`pgolf train`, or `torchrun -m pgolf.train` with --nproc >
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import time
 from pathlib import Path
 
 from pgolf.config import resolve
-from pgolf.pack import parse_sets
+from pgolf.options import command_parser, parse_with_settings
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -46,18 +45,15 @@ def seed_commands(preset: str, sets: dict[str, str], seeds: list[int], prefix: s
 
 
 def seeds_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pgolf seeds", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="baseline")
+    parser = command_parser("pgolf seeds", __doc__, settings=True)
     parser.add_argument("--seeds", required=True, help="comma-separated, e.g. 1337,42,2025")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     parser.add_argument("--script", help="a packed train_gpt.py to run (from inside its folder) instead of the package")
     parser.add_argument("--out-dir", default="runs", help="parent folder of the run folders")
     parser.add_argument("--prefix", default=None, help="run id prefix (default: <preset>_<date>_<time>)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    args = parser.parse_args(argv)
+    args, sets = parse_with_settings(parser, argv)
     seeds = parse_seeds(args.seeds)
-    sets = parse_sets(args.sets)
     resolve(args.preset, env={}, flags=sets)  # unknown keys and bad values fail here, before any run
     if args.script and not Path(args.script).is_file():
         raise FileNotFoundError(f"--script {args.script}: no such file; pack one with `pgolf pack --out DIR`")

@@ -8,9 +8,10 @@ function, evaluated by its continued fraction (no scipy needed).
 """
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
+
+from pgolf.options import command_parser
 
 ALPHA = 0.01
 DEFAULT_MIN_GAIN = 0.005  # nats, the challenge's record margin
@@ -128,7 +129,7 @@ def _load_group(paths: list[str], name: str, what: str, hint: str) -> list:
 
 def significance_command(argv: list[str]) -> int:
     """Exit code 0 when significant, 1 when not, 2 on bad input."""
-    parser = argparse.ArgumentParser(prog="pgolf significance", description=__doc__.splitlines()[0])
+    parser = command_parser("pgolf significance", __doc__)
     parser.add_argument("runs", nargs="+", help="run folders of the candidate configuration (A)")
     ref = parser.add_mutually_exclusive_group(required=True)
     ref.add_argument("--vs", nargs="+", metavar="RUN", help="run folders of the reference configuration (B)")

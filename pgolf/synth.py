@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pgolf.fileio import write_atomic
-from pgolf.data import write_shard
+from pgolf.data import SYNTH_META, write_shard
 from pgolf.spm import encode_document, train_sentencepiece
 
 LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
@@ -67,13 +67,13 @@ def write_synthetic_dataset(out_dir: str | Path, *, seed: int = 0, vocab_size: i
         write_shard(out / f"fineweb_{split}_000000.bin", tokens)
         summary[f"{split}_docs"], summary[f"{split}_tokens"] = len(docs), int(tokens.size)
         summary[f"{split}_bytes"] = sum(len(t.encode()) for t in docs)
-    write_atomic(out / "synth.json", json.dumps(summary, indent=1).encode())  # written last: marks completeness
+    write_atomic(out / SYNTH_META, json.dumps(summary, indent=1).encode())  # written last: marks completeness
     return summary
 
 
 def ensure_synthetic_dataset(out_dir: str | Path, **kw) -> dict:
     """Reuse a complete corpus at out_dir (synth.json is written last), else make it."""
-    meta = Path(out_dir) / "synth.json"
+    meta = Path(out_dir) / SYNTH_META
     if meta.exists():
         found = json.loads(meta.read_text())
         if all(found.get(k) == v for k, v in kw.items() if k in ("seed", "vocab_size")):

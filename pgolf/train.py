@@ -6,9 +6,6 @@ Launch: `python -m pgolf.train`, or `torchrun --standalone --nproc_per_node=8 -m
 from __future__ import annotations
 
 import copy
-import json
-import platform
-import subprocess
 import sys
 import time
 import uuid
@@ -21,46 +18,17 @@ import torch
 from pgolf.artifact import (ARTIFACT_NAMES, PACKED_SINGLE_FILE, ROUNDTRIP_LOG_NAMES, SIZE_LABELS, budget_line,
                             code_bytes, load_artifact, serialize)
 from pgolf.averaging import EMA, SWA
-from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve, to_dict
-from pgolf.data import DistributedTokenLoader, train_pattern
+from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve
+from pgolf.console import close_bars, progress_bar, run_command, settings_help, summary_line, wants_help
+from pgolf.data import DistributedTokenLoader, synthetic_entropy, train_pattern
 from pgolf.dist import Dist, resolve_execution, setup_dist, teardown_dist
-from pgolf.eval import Evaluator, load_validation, log_eval
+from pgolf.eval import Evaluator, log_eval
 from pgolf.fileio import write_atomic
 from pgolf.model import GPT, GPTConfig, layer_order, mark_qat, rebuild_model, set_qat_gate
 from pgolf.optim import AdamConfig, MuonConfig, build_optimizers
 from pgolf.quant import int6_weight_names, split_patterns
+from pgolf.runlog import RunLog, load_checked_data, open_run
 from pgolf.schedule import lr_multiplier, muon_momentum, progress, swa_due
-
-
-class RunLog:
-    """Rank-0 text log (challenge line formats) plus a JSON-lines metrics file."""
-
-    def __init__(self, run_dir: Path | None):
-        self.text = open(run_dir / "train.log", "a") if run_dir else None
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if run_dir else None
-
-    def __call__(self, msg: str, console: bool = True) -> None:
-        if self.text:
-            if console:
-                print(msg, flush=True)
-            self.text.write(msg + "\n")
-            self.text.flush()
-
-    def metric(self, event: str, **fields) -> None:
-        if self.jsonl:
-            self.jsonl.write(json.dumps({"event": event, **fields}) + "\n")
-            self.jsonl.flush()
-
-
-def environment_lines() -> list[str]:
-    lines = [f"python:{platform.python_version()} torch:{torch.__version__} platform:{platform.platform()}"]
-    if torch.cuda.is_available():
-        lines.append(f"cuda:{torch.version.cuda} device:{torch.cuda.get_device_name()}")
-        try:
-            lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return lines
 
 
 def agree_run_id(cfg: Hyperparameters, d: Dist) -> str:
@@ -68,22 +36,6 @@ def agree_run_id(cfg: Hyperparameters, d: Dist) -> str:
     if d.enabled:
         torch.distributed.broadcast_object_list(run_id, src=0)
     return run_id[0]
-
-
-def open_run(cfg: Hyperparameters, d: Dist) -> tuple[Path, RunLog]:
-    run_dir = Path(cfg.out_dir) / cfg.run_id
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    log = RunLog(run_dir if d.is_main else None)
-    log(f"run_dir:{run_dir}")
-    log("config:" + json.dumps(to_dict(cfg)), console=False)
-    for line in environment_lines():
-        log(line, console=False)
-    if PACKED_SINGLE_FILE:  # like the reference script, keep the exact code that ran with its log
-        log(Path(sys.modules["__main__"].__file__).read_text(), console=False)
-    log.metric("config", **to_dict(cfg))
-    return run_dir, log
 
 
 def build_evaluator(cfg: Hyperparameters, d: Dist, tokens, tables, sidecar, autocast_dtype) -> Evaluator:
@@ -186,20 +138,19 @@ def agreed(d: Dist, flag: bool) -> bool:
     return d.all_reduce(torch.tensor(float(flag), device=d.device), op="max").item() > 0
 
 
-def train(cfg: Hyperparameters, d: Dist) -> dict:
+def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
     """Train, export, read the artifact back and score it. Returns the final metrics."""
-    # 1. run folder, log, seeds, data
+    # 1. checks and data (before the run folder exists), run folder, log, seeds
+    log = RunLog() if log is None else log
     cfg.run_id = agree_run_id(cfg, d)
-    run_dir, log = open_run(cfg, d)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     use_compile, autocast_dtype = resolve_execution(cfg.compile, cfg.autocast, d.device)
     grad_accum = 8 // d.world_size
-    val_tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size,
-                                                  cfg.val_max_tokens, log)
-    evaluator = build_evaluator(cfg, d, val_tokens, tables, sidecar, autocast_dtype)
-    loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
-    log(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(loader.stream.files)}")
+    data = load_checked_data(cfg, d)
+    evaluator = build_evaluator(cfg, d, data.val_tokens, data.tables, data.sidecar, autocast_dtype)
+    loader = data.loader
+    run_dir = open_run(cfg, d, log, data)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
 
     # 2. model, compile, DDP, optimizers
     model = build_model(cfg, d.device)
@@ -229,10 +180,7 @@ def train(cfg: Hyperparameters, d: Dist) -> dict:
     swa, ema = SWA(), EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     max_ms = 1000.0 * cfg.max_wallclock_seconds
     timer, step, stop_after, qat_on = Timer(d.device), 0, None, cfg.qat and cfg.qat_start_frac == 0
-    bar = None
-    if evaluator.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.iterations, unit="step", dynamic_ncols=True)
+    bar = progress_bar(cfg.iterations) if evaluator.progress else None
     timer.start()
     while True:
         last = step == cfg.iterations or (stop_after is not None and step >= stop_after)
@@ -343,19 +291,53 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
     return out
 
 
+def step_reached(e: BaseException) -> int:
+    """The training loop's step when e was raised: the `step` variable of the innermost frame of this
+    module that has one (the loop keeps no extra bookkeeping for this); 0 before the loop."""
+    step, tb = 0, e.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals.get("step") if tb.tb_frame.f_globals is globals() else None
+        step = local if isinstance(local, int) else step
+        tb = tb.tb_next
+    return step
+
+
 def run(cfg: Hyperparameters) -> dict:
+    """One run. Once its folder exists, an error or Ctrl-C is recorded there before it propagates; a
+    finished run ends with its summary line."""
     d = setup_dist()
+    log = RunLog()
     try:
-        final = train(cfg, d)
+        final = train(cfg, d, log)
         d.barrier()  # no rank tears down its communicator while another still uses it
+        log(summary_line(final, synthetic_entropy(cfg.data_path)))
         return final
+    except KeyboardInterrupt as e:
+        close_bars()
+        raise KeyboardInterrupt(log.interrupted(step_reached(e))) from None
+    except Exception as e:
+        close_bars()
+        log.failed(step_reached(e), e)
+        raise
     finally:
+        log.close()
         teardown_dist(d)
 
 
-def main(argv: list[str] | None = None) -> None:
-    preset, flags = parse_flags(sys.argv[1:] if argv is None else argv)
+def train_from_args(argv: list[str], prog: str) -> int:
+    if wants_help(argv):
+        print(f"usage: {prog} [--preset NAME] [--name=value ...]   (or env vars NAME=value)\n\n{settings_help(argv)}",
+              end="")
+        return 0
+    preset, flags = parse_flags(argv)
     run(resolve(preset, flags=flags))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pgolf.train`, torchrun and the packed train_gpt.py: one-line errors, exit 2 (130 on Ctrl-C)."""
+    prog = Path(sys.argv[0]).name if PACKED_SINGLE_FILE else "python -m pgolf.train"
+    sys.exit(run_command(prog, lambda args: train_from_args(args, prog), sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

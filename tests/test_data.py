@@ -72,3 +72,14 @@ def test_loader_targets_are_inputs_shifted_by_one(tmp_path):
     assert x.shape == y.shape == (1, 32)
     assert x[0, 0].item() == 33  # rank 1's slice starts after rank 0's local+1 = 33 tokens
     assert torch.equal(y, x + 1)
+
+
+def test_synthetic_entropy_is_read_from_the_corpus(tiny_data, tmp_path):
+    from pgolf.data import synthetic_entropy
+
+    data_dir, meta = tiny_data
+    assert synthetic_entropy(str(data_dir)) == meta["entropy_bits_per_byte"]
+    assert synthetic_entropy(str(tmp_path)) is None  # real data has no synth.json
+    (tmp_path / "synth.json").write_text("{}")
+    with pytest.raises(ShardError, match="synth.json: no entropy_bits_per_byte in it"):
+        synthetic_entropy(str(tmp_path))

@@ -167,6 +167,53 @@ def test_hub_errors_become_clear_messages(tmp_path, monkeypatch):
             assert "datasets/manifest.json is not on the hub" in str(info.value)
 
 
+def test_unreachable_hub_fails_at_once_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    tried = []
+
+    def no_dns(address, timeout=None):
+        tried.append(address)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the hub client must not be called (its retries take half a minute)")
+
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "create_connection", no_dns)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", never)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", never)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    dest = tmp_path / "data"
+    assert main(["data", "download", "--train-shards", "1", "--dest", str(dest)]) == 2
+    err = capsys.readouterr().err
+    host = constants.ENDPOINT.split("://")[1].split("/")[0].split(":")[0]
+    assert len(err.splitlines()) == 1 and f"no connection to {host}:443: Name or service not known" in err
+    assert len(tried) == 1 and not dest.exists()  # one probe; no folder, cache or lock file left
+
+
+def test_the_probe_goes_through_a_proxy(monkeypatch):
+    import socket
+    import urllib.request
+
+    from pgolf.download import unreachable
+
+    class Connection:
+        def close(self):
+            pass
+
+    tried = []
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: tried.append(address) or Connection())
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {"https": "http://proxy.local:3128"})
+    monkeypatch.setattr(urllib.request, "proxy_bypass", lambda host: False)
+    assert unreachable("https://huggingface.co", offline=False) is None and tried == [("proxy.local", 3128)]
+    assert unreachable("https://huggingface.co", offline=True) == "HF_HUB_OFFLINE is set" and len(tried) == 1
+
+
 def test_offline_cli_exits_2_with_what_to_do(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # huggingface_hub makes no network call
@@ -176,7 +223,8 @@ def test_offline_cli_exits_2_with_what_to_do(tmp_path):
     assert proc.returncode == 2
     assert "cannot reach the Hugging Face hub for willdepueoai/parameter-golf" in proc.stderr
     assert f"--dest {tmp_path / 'data'}" in proc.stderr and "pgolf data prepare --docs" in proc.stderr
-    assert not (tmp_path / "data/manifest.json").exists()
+    assert "(HF_HUB_OFFLINE is set)" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "data").exists()  # nothing left behind: no folder, cache or lock file
 
 
 def test_cli_download_from_a_mirror(hub_dir, tmp_path, capsys):

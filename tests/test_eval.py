@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from pgolf.artifact import MAGIC, load_artifact, serialize
 from pgolf.fileio import write_atomic
 from pgolf.dist import Dist
-from pgolf.eval import ByteTables, Evaluator, byte_tables, evaluate, load_sentencepiece, window_plan
+from pgolf.eval import (ByteTables, Evaluator, beyond_context, byte_tables, evaluate, load_sentencepiece,
+                        load_validation, window_plan)
 from pgolf.model import GPT, GPTConfig
 
 VOCAB = 64
@@ -376,3 +377,45 @@ def test_pgolf_eval_honours_env_vars_with_the_usual_precedence(tiny_data, tmp_pa
     monkeypatch.setenv("NUM_LAYERS", "5")  # the artifact fixes the model: a clashing setting is refused
     with pytest.raises(ValueError, match=r"NUM_LAYERS=5 \(env NUM_LAYERS\) vs 2"):
         main([str(art)])
+
+
+def test_scoring_beyond_the_training_context_warns():
+    assert beyond_context(128, 128, extended=False) is None and beyond_context(128, 64, extended=False) is None
+    assert beyond_context(128, 2048, extended=True) is None  # a context extension is on: expected
+    warning = beyond_context(128, 2048, extended=False)
+    assert warning.startswith("warning: scoring 2048-token windows, 16x the training context of 128 (TRAIN_SEQ_LEN)")
+    assert "without a context extension such as ROPE_YARN" in warning
+
+
+def test_pgolf_eval_seq_len_runs_the_sliding_eval_and_warns_past_the_training_context(tiny_data, tmp_path, capsys):
+    from pgolf.eval_artifact import main
+
+    data_dir, _ = tiny_data
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    art = write_tiny_artifact(run_dir / "final_model.int8.ptz")
+    (run_dir / "config.json").write_text(json.dumps({"data_path": str(data_dir), "train_seq_len": 16, "eval_stride": 0,
+                                                     "tokenizer_path": str(data_dir / "tokenizer.model"),
+                                                     "val_max_tokens": 600}))
+    assert main([str(art), "--seq-len", "32"]) == 0  # the run had no sliding eval: --seq-len asks for one
+    out = capsys.readouterr().out
+    assert "warning: scoring 32-token windows, 2x the training context of 16 (TRAIN_SEQ_LEN)" in out
+    assert out.index("warning: scoring") < out.index("final_int8_zlib_roundtrip ")  # before the wait, not after
+    assert " stride:32 seq_len:32 " in out
+    assert main([str(art), "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out and " stride:16 seq_len:16 " in out
+    assert main([str(art)]) == 0  # no --seq-len: the run's EVAL_STRIDE=0 still means no sliding eval
+    assert "final_sliding_window" not in capsys.readouterr().out
+
+
+def test_vocab_size_above_the_tokenizer_is_said_in_one_line(tiny_data):
+    data_dir, _ = tiny_data
+    tokenizer = str(data_dir / "tokenizer.model")
+    lines = []
+    load_validation(str(data_dir), tokenizer, 640, 100, lines.append)
+    assert lines[0].startswith("vocab_padding:128 VOCAB_SIZE=640 tokenizer_pieces:512 (the rows above the tokenizer's")
+    assert lines[0].endswith("set VOCAB_SIZE=512 to drop them)")
+    lines.clear()
+    load_validation(str(data_dir), tokenizer, 512, 100, lines.append)
+    assert not any(line.startswith("vocab_padding") for line in lines)

@@ -13,11 +13,12 @@ from pgolf import pack
 from pgolf.config import FIELD_TYPES, ConfigError, preset_diff, resolve
 from pgolf.runs import load_run
 
-# The baseline's packed train_gpt.py was 103,269 bytes (readable) and 25,519 bytes (compressed stub)
-# when these ceilings were set (raised from 78,500 / 21,600 when the frontier model options were
-# added), about 8% above; raise them deliberately, not by accident.
-BASELINE_PACKED_CEILING = 111_500
-BASELINE_STUB_CEILING = 27_600
+# The baseline's packed train_gpt.py was 71,968 bytes (readable) and 19,779 bytes (compressed stub)
+# when these ceilings were first set, about 9% above. Raised deliberately since: the frontier model
+# options, the checks before a run starts, failure and Ctrl-C records, one-line errors, the settings
+# help and the summary line. Raise them deliberately, not by accident.
+BASELINE_PACKED_CEILING = 134_000  # 123,864 when set
+BASELINE_STUB_CEILING = 33_000  # 30,514 when set
 
 
 def code_size_line(run_dir) -> tuple[int, str]:

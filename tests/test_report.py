@@ -20,7 +20,8 @@ def png_size(path) -> tuple[int, int]:
 
 def test_report_writes_table_and_plots(tmp_path, capsys):
     runs = [fake_run(tmp_path / "runs", "a", seed=1, val_loss=2.0123456, val_bpb=1.2345678),
-            fake_run(tmp_path / "runs", "b", seed=2, val_loss=2.02, val_bpb=1.24, steps=30, bytes_model=15_990_000),
+            fake_run(tmp_path / "runs", "b", seed=2, val_loss=2.02, val_bpb=1.24, steps=30, bytes_model=15_990_000,
+                     entropy_floor=1.2087),
             fake_run(tmp_path / "runs", "c", seed=3, finished=False)]
     out = tmp_path / "report"
     assert report.report_command([*map(str, runs), "--out", str(out)]) == 0
@@ -29,9 +30,9 @@ def test_report_writes_table_and_plots(tmp_path, capsys):
         assert png_size(out / name) == (800, 500)
         assert (out / name).stat().st_size > 10_000  # axes, three curves and a legend, not an empty canvas
     md = (out / "report.md").read_text()
-    assert "| a | 1 | 20 | 2.0 | 2.01235 | 1.23457 | 1.22957 | 1.23457 | — | 1,050,000 | 14,950,000 |" in md
-    assert "| b | 2 | 30 | 3.0 | 2.02000 | 1.24000 | 1.23500 | 1.24000 | — | 16,040,000 | -40,000 |" in md
-    assert "| c | 3 | — | — | — | — | — | — | — | — | (unfinished) |" in md
+    assert "| a | 1 | 20 | 2.0 | 2.01235 | 1.23457 | 1.22957 | 1.23457 | — | — | 1,050,000 | 14,950,000 | finished |" in md
+    assert "| b | 2 | 30 | 3.0 | 2.02000 | 1.24000 | 1.23500 | 1.24000 | — | 1.20870 | 16,040,000 | -40,000 | finished |" in md
+    assert "| c | 3 | 20 | — | — | — | — | — | — | — | — | — | unfinished (still running, or killed without a record) |" in md
     assert all(f"![{name}]({name})" in md for name in report.PLOTS)
     assert "| a | 1 | 20 |" in capsys.readouterr().out
 
@@ -79,3 +80,23 @@ def test_new_folder_is_all_or_nothing(tmp_path):
         (tmp / "done.txt").write_text("ok")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "done.txt").read_text() == "ok"
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_report_marks_runs_that_stopped_early_and_draws_the_floor(tmp_path, capsys):
+    stopped = [fake_run(tmp_path, "int", steps=12, finished=False, early_end={"event": "interrupted", "step": 12}),
+               fake_run(tmp_path, "bad", steps=7, finished=False,
+                        early_end={"event": "failed", "step": 7, "error": "OSError: disk full | retry"})]
+    runs = load_runs(stopped, require_final=False)
+    assert [r.status for r in runs] == ["interrupted at step 12", "failed at step 7: OSError: disk full | retry"]
+    assert report.table_row(runs[0])[2:] == ["12"] + ["—"] * 9 + ["interrupted at step 12"]
+    assert report.table_row(runs[1])[-1] == "failed at step 7: OSError: disk full \\| retry"  # a table cell
+    with pytest.raises(RunError, match=r"did not finish \(interrupted at step 12\)"):
+        load_run(stopped[0])
+
+    # The entropy floor is drawn as a line of its own: the plot differs from the same runs without it.
+    plain = load_runs([fake_run(tmp_path / "p", "syn", seed=1)])
+    floored = load_runs([fake_run(tmp_path / "f", "syn", seed=1, entropy_floor=2.5)])
+    assert plain[0].entropy_floor is None and floored[0].entropy_floor == 2.5
+    report.plot(plain, "val", "val_bpb", "step", "bpb", tmp_path / "plain.png")
+    report.plot(floored, "val", "val_bpb", "step", "bpb", tmp_path / "floored.png")
+    assert (tmp_path / "plain.png").read_bytes() != (tmp_path / "floored.png").read_bytes()

@@ -68,6 +68,17 @@ def test_log_lines_follow_the_challenge_format(learned_run):
     assert json.loads((run_dir / "config.json").read_text())["iterations"] == 80
 
 
+def test_the_run_ends_with_its_summary_line(learned_run):
+    final, run_dir, meta = learned_run
+    floor = meta["entropy_bits_per_byte"]
+    assert read_events(run_dir, "data") == [{"event": "data", "synthetic": True, "entropy_bits_per_byte": floor}]
+    log = (run_dir / "train.log").read_text().splitlines()
+    assert any(line.startswith("data:synthetic path:") and f"entropy_bits_per_byte:{floor:.4f}" in line for line in log)
+    assert log[-1] == (f"summary: round-trip val_bpb {final['roundtrip_val_bpb']:.4f} | entropy floor {floor:.4f} "
+                       f"(synthetic corpus; gap {final['val_bpb'] - floor:+.4f}) | {final['bytes_total']:,} of "
+                       f"16,000,000 bytes (OK) | artifact {run_dir / 'final_model.int8.ptz'}")
+
+
 def test_wallclock_cap_stops_early_after_a_time_placed_warmdown(tiny_data, tmp_path):
     """Under a cap the warmdown is placed by time: the LR must fall during the last WARMDOWN_ITERS steps
     and be near 0 on the last step, not be cut off at full LR when the cap stops the run."""
