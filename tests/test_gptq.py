@@ -34,8 +34,8 @@ def test_gptq_output_error_is_lower_than_rtn_on_correlated_inputs(bits):
     for act_order in (False, True):
         gptq = dequantize_rows(*gptq_quantize(W, H, level, block_size=32, act_order=act_order))
         e_rtn, e_gptq = output_error(X, W, rtn), output_error(X, W, gptq)
-        # measured: int4 0.149 vs 0.067 (0.45x), int6 0.036 vs 0.016 (0.45x), with or without act-order
-        assert e_gptq < 0.6 * e_rtn, (bits, act_order, e_gptq, e_rtn)
+        # measured: RTN int4 0.113 vs GPTQ 0.044 (0.39x; act-order 0.32x), int6 0.026 vs 0.010 (0.39x; 0.30x)
+        assert e_gptq < 0.5 * e_rtn, (bits, act_order, e_gptq, e_rtn)
     # GPTQ trades weight error for output error: its plain ||W - W_hat|| is not the smaller one.
     assert float((W - gptq).norm()) > float((W - rtn).norm())
 
