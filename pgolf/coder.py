@@ -79,7 +79,8 @@ def _lrzip(data: bytes, compress: bool) -> bytes:
         dst = Path(tmp) / "out"
         src.write_bytes(data)
         args = ["-z", "-L", "9"] if compress else ["-d"]
-        subprocess.run([LRZIP, "-q", "-f", *args, "-o", str(dst), str(src)], check=True, capture_output=True)
+        # -N 0: lrzip runs at nice 19 by default, which starves it on a busy machine.
+        subprocess.run([LRZIP, "-q", "-f", "-N", "0", *args, "-o", str(dst), str(src)], check=True, capture_output=True)
         return dst.read_bytes()
 
 

@@ -32,6 +32,13 @@ FRONTIER_LIKE = dict(quant=QuantSettings(matrix_bits=5, embed_bits=7, attn_clip_
                      lqer=LQERSettings(lqer_enabled=True, lqer_top_k=2, lqer_asym_enabled=True))
 
 
+@pytest.fixture(autouse=True)
+def _no_lrzip(monkeypatch, request):
+    """lrzip (ZPAQ) takes seconds per call; only the test that names it uses it."""
+    if "lrzip" not in request.node.name:
+        monkeypatch.setattr(coder, "lrzip_available", lambda: False)
+
+
 def same_tree(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
@@ -182,3 +189,11 @@ def test_gptq_export_reads_back_and_loads_into_a_model(tmp_path):
     fresh.load_state_dict(state, strict=True)
     with pytest.raises(ValueError, match="needs calibration_batches"):
         export_artifact(model, "int6_zstd", CONTROL, KEEP, gptq=GPTQSettings(matrix_quant="gptq"))
+
+
+@pytest.mark.skipif(not coder.lrzip_available(), reason="no lrzip binary on PATH")
+def test_lrzip_group_round_trip():
+    tree = {"tensors": {"blocks.0.mlp.fc.weight": {"q": torch.randint(-31, 32, (64, 32), dtype=torch.int8)}}}
+    blob, stats = pack(tree, codecs=("lrzip",))
+    assert stats["mlp_up"]["codec"] == "lrzip" and stats["lrzip"] == "used as a candidate"
+    assert same_tree(unpack(blob), tree)
