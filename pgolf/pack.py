@@ -20,8 +20,8 @@ from pathlib import Path
 from pgolf.fileio import write_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-PACKED_MODULES = ["config", "fileio", "dist", "data", "quant", "model", "eval", "optim", "schedule", "averaging",
-                  "artifact", "train"]
+PACKED_MODULES = ["config", "fileio", "dist", "data", "quant", "model", "gptq", "lqer", "mixed", "coder", "eval",
+                  "optim", "schedule", "averaging", "artifact", "train"]
 
 
 class PackError(ValueError):

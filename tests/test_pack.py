@@ -13,10 +13,11 @@ from pgolf import pack
 from pgolf.config import FIELD_TYPES, ConfigError, preset_diff, resolve
 from pgolf.runs import load_run
 
-# The baseline's packed train_gpt.py was 71,968 bytes (readable) and 19,779 bytes (compressed stub)
-# when these ceilings were set, about 9% above; raise them deliberately, not by accident.
-BASELINE_PACKED_CEILING = 78_500
-BASELINE_STUB_CEILING = 21_600
+# The baseline's packed train_gpt.py was 106,496 bytes (readable) and 27,884 bytes (compressed stub)
+# when these ceilings were set, about 9% above; raise them deliberately, not by accident. (Raised from
+# 78,500 / 21,600 when GPTQ, LQER, the mixed plan and the per-group coder joined the packed modules.)
+BASELINE_PACKED_CEILING = 116_000
+BASELINE_STUB_CEILING = 30_400
 
 
 def code_size_line(run_dir) -> tuple[int, str]:
