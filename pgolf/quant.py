@@ -1,7 +1,10 @@
-"""Per-row quantization, shared by QAT and export, and the two export formats.
+"""Per-row quantization, shared by QAT and export, and the two v1 export formats.
 
-`quantize_rows` is the single quantizer: STE fake-quant in training (`fake_quantize`) and the
-int6 export both call it, so a QAT weight survives the export bit for bit.
+`quantize_rows` is the single round-to-nearest quantizer: STE fake-quant in training
+(`fake_quantize`) and the int6 export both call it, so a QAT weight survives the export bit for bit.
+Its clip range per row is the abs-max (today's int6), k row standard deviations (SD-clip,
+clip_sigmas = k > 0) or a quantile of |w| (the int8 baseline); `row_scales` and `round_to_levels`
+are the scale and rounding rules GPTQ (pgolf.gptq) uses too.
 - int8_zlib: the challenge baseline. 2-D float tensors over 65,536 entries become int8 per row
   (clip at the 99.99984th percentile of |w|, scale = max(clip/127, 1/127)); small tensors stay
   float (control tensors fp32, others fp16).
@@ -10,6 +13,7 @@ int6 export both call it, so a QAT weight survives the export bit for bit.
   any listed pattern; control tensors fp32; other small tensors fp16; other large 2-D tensors int8.
   Matrices go int6 before the small-tensor rule so that a scaled-down model (a 256-wide benchmark,
   a test) quantizes the same tensors, and QAT fakes the same tensors, as the full-size one.
+The mixed plan of artifact v2 (pgolf.mixed) builds on these kinds.
 """
 from __future__ import annotations
 
