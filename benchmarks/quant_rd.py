@@ -144,10 +144,14 @@ def main() -> int:
     parser.add_argument("--tokenizer", default=None, help="TOKENIZER_PATH (default: the run's)")
     parser.add_argument("--bits", default="4,5,6,7")
     parser.add_argument("--calibration-batches", type=int, default=16)
+    parser.add_argument("--val-max-tokens", type=int, default=None,
+                        help="score only the first N validation tokens (default: the run's VAL_MAX_TOKENS)")
     parser.add_argument("--compression", action="store_true", help="also the coder table")
     parser.add_argument("--no-rd", action="store_true", help="skip the rate-distortion rows")
     args = parser.parse_args()
     cfg, model = load_run(Path(args.run_dir), args.data, args.tokenizer)
+    if args.val_max_tokens is not None:
+        cfg.val_max_tokens = args.val_max_tokens
     control, keep = split_patterns(cfg.control_tensor_name_patterns), split_patterns(cfg.fp16_passthrough_patterns)
     tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, cfg.val_max_tokens, quiet)
     evaluator = Evaluator(Dist(), tokens, tables, sidecar, None, seq_len=cfg.train_seq_len, batch_tokens=cfg.val_batch_size,
@@ -157,6 +161,7 @@ def main() -> int:
     print(json.dumps({"benchmark": "quant_rd", "run_dir": args.run_dir, "model_params": sum(p.numel() for p in model.parameters()),
                       "machine": f"{platform.processor() or platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
                       f"threads {torch.get_num_threads()}", "fp32_val_bpb": round(fp32, 5),
+                      "val_tokens": len(tokens),
                       "eval_seconds": round(time.perf_counter() - t0, 1)}), flush=True)
     t0 = time.perf_counter()
     batches = calibration(cfg, args.calibration_batches)
