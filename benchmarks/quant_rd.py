@@ -146,6 +146,9 @@ def main() -> int:
     parser.add_argument("--calibration-batches", type=int, default=16)
     parser.add_argument("--val-max-tokens", type=int, default=None,
                         help="score only the first N validation tokens (default: the run's VAL_MAX_TOKENS)")
+    parser.add_argument("--clip", type=float, default=None,
+                        help="SD-clip k for attention and MLP in the *_sdclip rows (default: picked by the proxy)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the row names")
     parser.add_argument("--compression", action="store_true", help="also the coder table")
     parser.add_argument("--no-rd", action="store_true", help="skip the rate-distortion rows")
     args = parser.parse_args()
@@ -173,9 +176,11 @@ def main() -> int:
     clip6 = None
     with tempfile.TemporaryDirectory() as tmp:
         for bits in [int(b) for b in args.bits.split(",")] if not args.no_rd else []:
-            clip = pick_clip(state, hessians, names, bits)
+            clip = pick_clip(state, hessians, names, bits) if args.clip is None else {
+                "attn_clip_sigmas": args.clip, "mlp_clip_sigmas": args.clip}
             clip6 = clip if bits == 6 else clip6
             todo = rows_for(bits, clip) + (record_rows(clip) if bits == 6 else [])
+            todo = [row for row in todo if args.methods is None or row[0] in args.methods.split(",")]
             for method, qs, gs, ls in todo:
                 blob, stats = export_artifact(model, "int6_zstd", control, keep, qs, gs, ls, hessians=hessians)
                 bpb = score(model, evaluator, blob, Path(tmp))
