@@ -20,8 +20,8 @@ from pathlib import Path
 from pgolf.fileio import write_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-PACKED_MODULES = ["fileio", "dist", "data", "quant", "layers", "loss", "model", "eval", "optim", "schedule",
-                  "averaging", "config", "artifact", "console", "runlog", "train"]
+PACKED_MODULES = ["fileio", "dist", "data", "quant", "gptq", "lqer", "mixed", "coder", "layers", "loss", "model",
+                  "eval", "optim", "schedule", "averaging", "config", "artifact", "console", "runlog", "train"]
 
 
 class PackError(ValueError):

@@ -17,8 +17,8 @@ from pgolf.runs import load_run
 # when these ceilings were first set, about 9% above. Raised deliberately since: the frontier model
 # options, the checks before a run starts, failure and Ctrl-C records, one-line errors, the settings
 # help and the summary line. Raise them deliberately, not by accident.
-BASELINE_PACKED_CEILING = 134_000  # 123,864 when set
-BASELINE_STUB_CEILING = 33_000  # 30,514 when set
+BASELINE_PACKED_CEILING = 165_000  # 157,009 when set (with the GPTQ, LQER and per-group coder modules)
+BASELINE_STUB_CEILING = 40_500  # 38,324 when set
 
 
 def code_size_line(run_dir) -> tuple[int, str]:
