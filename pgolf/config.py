@@ -15,6 +15,10 @@ import difflib
 import os
 from dataclasses import dataclass, fields
 
+from pgolf.coder import CoderSettings
+from pgolf.gptq import GPTQSettings
+from pgolf.lqer import LQERSettings
+from pgolf.mixed import QuantSettings
 from pgolf.model import GPTConfig
 from pgolf.optim import AdamConfig, MuonConfig
 
@@ -91,13 +95,14 @@ class ExecutionSettings:
 GROUPS: list[tuple[str, type]] = [
     ("data and run", DataSettings), ("training", TrainingSettings), ("model", GPTConfig),
     ("Muon", MuonConfig), ("Adam", AdamConfig), ("averaging", AveragingSettings), ("export", ExportSettings),
+    ("quantization", QuantSettings), ("GPTQ", GPTQSettings), ("LQER", LQERSettings), ("compression", CoderSettings),
     ("evaluation", EvalSettings), ("execution", ExecutionSettings),
 ]
 
 
 @dataclass
-class Hyperparameters(ExecutionSettings, EvalSettings, ExportSettings, AveragingSettings, AdamConfig, MuonConfig,
-                      GPTConfig, TrainingSettings, DataSettings):
+class Hyperparameters(ExecutionSettings, EvalSettings, CoderSettings, LQERSettings, GPTQSettings, QuantSettings,
+                      ExportSettings, AveragingSettings, AdamConfig, MuonConfig, GPTConfig, TrainingSettings, DataSettings):
     """Every setting of a run, flat (fields come from the groups above)."""
 
     def part(self, group: type):
@@ -339,11 +344,14 @@ def validate(cfg: Hyperparameters) -> None:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name.upper()}={getattr(cfg, name)!r}; allowed: {', '.join(allowed)}")
-    for group in (GPTConfig, MuonConfig):
-        try:
+    try:
+        for group in (GPTConfig, MuonConfig):
             cfg.part(group).check()
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        cfg.part(QuantSettings).validate(cfg.quant_format)
+        for group in (GPTQSettings, LQERSettings, CoderSettings):
+            cfg.part(group).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.train_batch_tokens % (8 * cfg.train_seq_len):
         raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must be a multiple of "
                           f"8 * TRAIN_SEQ_LEN={8 * cfg.train_seq_len} (8 micro-batches per step)")

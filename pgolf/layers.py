@@ -27,6 +27,7 @@ class CastedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.qat = False
+        self.qat_grid = (31, 0.0)  # (max level, SD-clip sigmas) of the export this weight will get
         self.register_buffer("qat_gate", torch.zeros(()), persistent=False)
         if zero_init:
             nn.init.zeros_(self.weight)
@@ -34,7 +35,7 @@ class CastedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.qat and self.training:
-            w = w + self.qat_gate * (fake_quantize(w) - w).detach()
+            w = w + self.qat_gate * (fake_quantize(w, *self.qat_grid) - w).detach()
         return F.linear(x, w.to(x.dtype))
 
 

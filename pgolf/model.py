@@ -314,8 +314,9 @@ def rebuild_model(state: dict, model_config: dict, source: str) -> GPT:
     return model
 
 
-def mark_qat(model: GPT, names: set[str]) -> None:
-    """Give QAT to exactly the linears whose weights are in `names` (call before compiling).
+def mark_qat(model: GPT, names: set[str] | dict[str, tuple[int, float]]) -> None:
+    """Give QAT to exactly the linears whose weights are in `names` (call before compiling); a dict
+    also gives each its export grid (max level, SD-clip sigmas), else the int6 abs-max grid.
 
     A name that is not a CastedLinear weight is an error: the export would quantize a tensor that
     training never saw quantized, the train/export mismatch that QAT exists to remove."""
@@ -326,6 +327,8 @@ def mark_qat(model: GPT, names: set[str]) -> None:
                          f"export (e.g. list them in FP16_PASSTHROUGH_PATTERNS) or make them CastedLinear")
     for name, mod in linears.items():
         mod.qat = name in names
+        if isinstance(names, dict) and name in names:
+            mod.qat_grid = names[name]
 
 
 def set_qat_gate(model: GPT, on: bool) -> None:

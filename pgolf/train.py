@@ -16,7 +16,11 @@ import numpy as np
 import torch
 
 from pgolf.artifact import (ARTIFACT_NAMES, PACKED_SINGLE_FILE, ROUNDTRIP_LOG_NAMES, SIZE_LABELS, budget_line,
-                            code_bytes, load_artifact, serialize)
+                            code_bytes, export_artifact, load_artifact)
+from pgolf.coder import CoderSettings
+from pgolf.gptq import GPTQSettings
+from pgolf.lqer import LQERSettings
+from pgolf.mixed import QuantSettings, matrix_group
 from pgolf.averaging import EMA, SWA
 from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve
 from pgolf.console import close_bars, progress_bar, run_command, settings_help, summary_line, wants_help
@@ -26,7 +30,7 @@ from pgolf.eval import Evaluator, log_eval
 from pgolf.fileio import write_atomic
 from pgolf.model import GPT, GPTConfig, layer_order, mark_qat, rebuild_model, set_qat_gate
 from pgolf.optim import AdamConfig, MuonConfig, build_optimizers
-from pgolf.quant import int6_weight_names, split_patterns
+from pgolf.quant import int6_weight_names, max_level, split_patterns
 from pgolf.runlog import RunLog, load_checked_data, open_run
 from pgolf.schedule import lr_multiplier, muon_momentum, progress, swa_due
 
@@ -54,9 +58,11 @@ def model_settings(cfg: Hyperparameters) -> GPTConfig:
 
 def build_model(cfg: Hyperparameters, device: torch.device) -> GPT:
     model = GPT(model_settings(cfg)).to(device)
-    if cfg.qat:
+    if cfg.qat:  # fake the export's round-to-nearest grid: MATRIX_BITS, the matrix group's SD-clip
         control, keep = split_patterns(cfg.control_tensor_name_patterns), split_patterns(cfg.fp16_passthrough_patterns)
-        mark_qat(model, int6_weight_names(model.state_dict(), control, keep))
+        quant = cfg.part(QuantSettings)
+        mark_qat(model, {name: (max_level(quant.matrix_bits), quant.clip_sigmas(matrix_group(name)))
+                         for name in int6_weight_names(model.state_dict(), control, keep)})
         set_qat_gate(model, cfg.qat_start_frac == 0)
     return model
 
@@ -179,6 +185,9 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
     hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else None
     swa, ema = SWA(), EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     max_ms = 1000.0 * cfg.max_wallclock_seconds
+    if max_ms > 0 and cfg.gptq_reserve_seconds > 0:  # calibration + quantization count inside the cap
+        max_ms -= 1000.0 * cfg.gptq_reserve_seconds
+        log(f"gptq:reserving {cfg.gptq_reserve_seconds:.1f}s of the wallclock, training until {max_ms:.0f}ms")
     timer, step, stop_after, qat_on = Timer(d.device), 0, None, cfg.qat and cfg.qat_start_frac == 0
     bar = progress_bar(cfg.iterations) if evaluator.progress else None
     timer.start()
@@ -245,7 +254,7 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
             f"ema:applied decay:{cfg.ema_decay} updates:{ema.updates}")
         pre_quant = evaluator.standard(model, hidden_fn)
         log_eval(log, "post_swa" if swa.count else "post_ema", pre_quant)
-    final = finalize(cfg, d, model, evaluator, run_dir, log, control)
+    final = finalize(cfg, d, model, evaluator, run_dir, log, control, train_ms)
     final.update(step_stop=step, train_time_ms=train_ms, pre_quant_val_loss=pre_quant.val_loss,
                  pre_quant_val_bpb=pre_quant.val_bpb, swa_checkpoints=swa.count,
                  model_params=sum(p.numel() for p in model.parameters()), run_dir=str(run_dir))
@@ -253,11 +262,27 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
     return final
 
 
-def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log: RunLog, control) -> dict:
+def calibration_batches(cfg: Hyperparameters, d: Dist):
+    """Training micro-batches for GPTQ's Hessians, from the start of the training shards (never val)."""
+    loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
+    while True:
+        yield loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, 8 // d.world_size)
+
+
+def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log: RunLog, control,
+             train_ms: float = 0.0) -> dict:
     """Write the artifact, read it back from disk into a fresh model, score it (standard + sliding)."""
     keep = split_patterns(cfg.fp16_passthrough_patterns)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    blob, payload = serialize(state, model.cfg.to_dict(), cfg.quant_format, control, keep)
+    blob, stats = export_artifact(model, cfg.quant_format, control, keep, cfg.part(QuantSettings),
+                                  cfg.part(GPTQSettings), cfg.part(LQERSettings), cfg.part(CoderSettings),
+                                  calibration_batches=calibration_batches(cfg, d), all_reduce=d.all_reduce, log=log)
+    export_ms = 1000.0 * (stats.get("hessian_seconds", 0.0) + stats["quant_seconds"])
+    if cfg.max_wallclock_seconds > 0 and cfg.matrix_quant == "gptq":
+        log(f"gptq:training+quantization {train_ms + export_ms:.0f}ms of the {1000 * cfg.max_wallclock_seconds:.0f}ms "
+            f"cap (reserve {cfg.gptq_reserve_seconds:.1f}s, used {export_ms / 1000:.1f}s)")
+        if train_ms + export_ms > 1000 * cfg.max_wallclock_seconds:
+            log("WARNING: GPTQ ran past the training cap; raise GPTQ_RESERVE_SECONDS")
     path = run_dir / ARTIFACT_NAMES[cfg.quant_format]
     label = SIZE_LABELS[cfg.quant_format]
     if d.is_main:
@@ -269,8 +294,8 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
     total, status = budget_line(len(blob), code)
     log(f"Serialized model: {raw_bytes} bytes")
     log(f"Code size: {code} bytes ({code_what})")
-    log(f"Serialized model {label}: {len(blob)} bytes (payload:{payload} raw_torch:{raw_bytes} "
-        f"payload_ratio:{raw_bytes / max(payload, 1):.2f}x)")
+    log(f"Serialized model {label}: {len(blob)} bytes (codec:{stats['codec']} raw_torch:{raw_bytes} "
+        f"ratio:{raw_bytes / max(len(blob), 1):.2f}x)")
     log(f"Total submission size {label}: {total} bytes {status}")
     if total > 16_000_000:
         log(f"WARNING: artifact + code = {total} bytes exceeds the 16,000,000-byte limit; this run cannot be submitted")
