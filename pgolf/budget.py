@@ -24,10 +24,12 @@ import torch
 
 from pgolf.artifact import CODECS, SIZE_LIMIT, compress, load_artifact, serialize
 from pgolf.config import Hyperparameters, preset_diff, resolve
+from pgolf.export_budget import calibrate, format_groups, predict_config, uses_v2
 from pgolf.model import GPT, GPTConfig
 from pgolf.quant import export_kind, quantize_state, split_patterns
 
 SAMPLE_ELEMENTS = 1 << 18  # rows of a tensor sampled for a ratio (more than the 65,536 small-tensor cut)
+CODE_WHAT = {False: "readable packed train_gpt.py", True: "lzma-compressed train_gpt.py stub"}
 NOMINAL_BITS = {"int6": 6, "int8": 8, "int8_tensor": 8, "fp16": 16, "fp32": 32}
 ROLES = (("embedding", re.compile(r"^tok_emb\.")), ("head", re.compile(r"^lm_head\.")),
          ("attention", re.compile(r"\.attn\.")), ("mlp", re.compile(r"\.mlp\.")), ("smear", re.compile(r"^smear\.")))
@@ -224,6 +226,8 @@ def budget_command(argv: list[str]) -> int:
     parser.add_argument("--no-search", action="store_true", help="skip the largest-width / largest-depth search")
     args, flags = parse_with_settings(parser, argv)
     cfg = resolve(args.preset, env={}, flags=flags)
+    if uses_v2(cfg):
+        return budget_v2(cfg, args, flags)
     planner = Planner(cfg, args.calibrate)
     pred = predict(planner, cfg, code_size(cfg, args.compress))
     hidden = int(round(cfg.mlp_mult * cfg.model_dim))
@@ -236,7 +240,7 @@ def budget_command(argv: list[str]) -> int:
     print(f"basis: compressed = stored x ratio per class; ratios measured with {planner.codec} on weights quantized "
           + (f"as {cfg.quant_format} from {args.calibrate}" if args.calibrate else
              "from random-normal rows (std 1) of each class's width; trained weights differ, see docs/submission.md"))
-    code_what = "compressed stub" if args.compress else "packed train_gpt.py"
+    code_what = CODE_WHAT[args.compress]
     status = "OK" if pred.total <= SIZE_LIMIT else f"OVER BUDGET by {pred.total - SIZE_LIMIT:,}"
     print(f"model {pred.model:,} + code {pred.code:,} ({code_what}) = total {pred.total:,} bytes; "
           f"headroom {SIZE_LIMIT - pred.total:,} of {SIZE_LIMIT:,} ({status})")
@@ -253,3 +257,31 @@ def budget_command(argv: list[str]) -> int:
         else:
             print("largest layer count that fits: none (even 1 layer is over)")
     return 0 if pred.total <= SIZE_LIMIT else 1
+
+
+def budget_v2(cfg: Hyperparameters, args, flags: dict) -> int:
+    """The v2 prediction (pgolf.export_budget): a real export of a synthetic state, optionally calibrated."""
+    overrides = "".join(f" --{k}={v}" for k, v in flags.items())
+    print(f"budget: preset {args.preset}{overrides}: {cfg.num_layers} layers x {cfg.model_dim}, vocab "
+          f"{cfg.vocab_size}; export v2: MATRIX_QUANT={cfg.matrix_quant} MATRIX_BITS={cfg.matrix_bits} "
+          f"EMBED_BITS={cfg.embed_bits} clips attn/mlp/embed {cfg.attn_clip_sigmas}/{cfg.mlp_clip_sigmas}/"
+          f"{cfg.embed_clip_sigmas} LQER={'rank %d top %d' % (cfg.lqer_rank, cfg.lqer_top_k) if cfg.lqer_enabled else 'off'} "
+          f"COMPRESSOR={cfg.compressor}")
+    pred = predict_config(cfg)
+    params = sum(t.numel() for t in model_shapes(cfg).values())
+    print("\n".join(format_groups(pred)))
+    print(f"synthetic export: {pred.bytes:,} bytes for {params:,} parameters ({8 * pred.bytes / params:.3f} bits each), "
+          f"{pred.lqer_tensors} LQER tensors, {pred.seconds:.1f}s")
+    model, basis = pred.bytes, ("random-normal weights (std 1) exported for real; GPTQ predicted by rounding to "
+                                "nearest on the same grid; trained weights usually compress better (--calibrate)")
+    if args.calibrate:
+        factor, detail = calibrate(args.calibrate, split_patterns(cfg.control_tensor_name_patterns),
+                                   split_patterns(cfg.fp16_passthrough_patterns))
+        model, basis = round(pred.bytes * factor), f"calibrated on {detail}"
+    print(f"basis: {basis}")
+    code = code_size(cfg, args.compress)
+    total = model + code
+    status = "OK" if total <= SIZE_LIMIT else f"OVER BUDGET by {total - SIZE_LIMIT:,}"
+    print(f"model {model:,} + code {code:,} ({CODE_WHAT[args.compress]}) = total {total:,} bytes; "
+          f"headroom {SIZE_LIMIT - total:,} of {SIZE_LIMIT:,} ({status})")
+    return 0 if total <= SIZE_LIMIT else 1

@@ -205,7 +205,15 @@ PRESETS["frontier"] = _preset(
     embed_wd=0.085, adam_wd=0.02,  # code: EMBED_WD=0.085, ADAM_WD=0.02 (AdamW)
     ema_decay=0.9965,  # README: EMA decay 0.9965
     val_loss_every=0, train_log_every=500,  # README: VAL_LOSS_EVERY=0; code: TRAIN_LOG_EVERY=500
-    quant_format="int6_zstd",  # pgolf's int6 export until GPTQ lands (the record: GPTQ int6 + int7 embedding + LQER)
+    quant_format="int6_zstd", matrix_quant="gptq", matrix_bits=6,  # README: GPTQ int6 matrices
+    embed_bits=7,  # README: EMBED_BITS=7 (int7 tied embedding)
+    attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0,  # README: SD-clip k per group
+    matrix_clip_sigmas=12.85,  # code: MATRIX_CLIP_SIGMAS default
+    gated_attn_quant_gate=True,  # README: GATED_ATTN_QUANT_GATE=1
+    gptq_calibration_batches=16, gptq_reserve_seconds=0.5,  # README: GPTQ_CALIBRATION_BATCHES=16, GPTQ_RESERVE_SECONDS=0.5
+    lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_factor_bits=4,  # README: LQER rank 4 on the top 3, int4
+    lqer_asym_enabled=True, lqer_asym_group=64,  # README: LQER_ASYM_ENABLED=1 LQER_ASYM_GROUP=64
+    compressor="pergroup",  # README: COMPRESSOR=pergroup
 )
 # The frontier's techniques at the CPU bench shape (benchmarks/core.py: 4 x 256, 4/2 heads, seq 256,
 # 16,384 tokens/step, vocab 1024, 60 steps): only sizes change; the loop (1-2) and the parallel start (3)

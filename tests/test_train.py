@@ -97,6 +97,27 @@ def test_wallclock_cap_stops_early_after_a_time_placed_warmdown(tiny_data, tmp_p
     assert lr[-1] < 1.5 / 5  # the cap arrives at the end of the warmdown: less than ~1 of its 5 steps left
 
 
+def test_gptq_time_is_reserved_inside_the_wallclock_cap(tiny_data, tmp_path):
+    """GPTQ_RESERVE_SECONDS comes off the training cap, and the log gives calibration + quantization seconds."""
+    cfg = tiny_cfg(tiny_data[0], tmp_path, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=3.0, RUN_ID="gptq",
+                   WARMDOWN_ITERS=5, QUANT_FORMAT="int6_zstd", MATRIX_QUANT="gptq", GPTQ_RESERVE_SECONDS=1.5,
+                   GPTQ_CALIBRATION_BATCHES=2, COMPRESSOR="pergroup")
+    final = run(cfg)
+    log = (tmp_path / "gptq" / "train.log").read_text()
+    assert "gptq:reserving 1.5s of the wallclock, training until 1500ms" in log
+    stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms", log, re.M)
+    assert stop and 1500 <= int(stop.group(1)) < 3000 and final["train_time_ms"] < 3000
+    hess = re.search(r"^gptq:collected (\d+) Hessians from 2 training batches in ([\d.]+)s$", log, re.M)
+    quant = re.search(r"^quant:gptq matrix_bits:6 .* seconds:([\d.]+)$", log, re.M)
+    total = re.search(r"^gptq:training\+quantization (\d+)ms of the 3000ms cap \(reserve 1.5s, used ([\d.]+)s\)$",
+                      log, re.M)
+    assert hess and quant and total, log[-2000:]
+    used = float(hess.group(2)) + float(quant.group(1))
+    assert abs(float(total.group(2)) - used) < 0.11
+    assert int(total.group(1)) == pytest.approx(final["train_time_ms"] + 1000 * used, abs=110)
+    assert math.isfinite(final["val_bpb"])
+
+
 def test_module_entry_point_runs(tiny_data, tmp_path):
     env = tiny_env(tiny_data[0], tmp_path, ITERATIONS=2, RUN_ID="cli")
     proc = run_cmd([PYTHON, "-m", "pgolf.train"], env)
