@@ -42,7 +42,7 @@ from pgolf.lqer import LQERSettings
 from pgolf.mixed import QuantSettings
 from pgolf.model import GPT
 from pgolf.quant import dequantize_rows, int6_weight_names, max_level, quantize_rows, split_patterns
-from pgolf.train import model_config
+from pgolf.train import model_settings
 
 CLIP_GRID = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 13.0)
 RECORD = dict(attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0)
@@ -56,7 +56,7 @@ def load_run(run_dir: Path, data: str | None, tokenizer: str | None) -> tuple[Hy
     saved = json.loads((run_dir / "config.json").read_text())
     cfg = Hyperparameters(**{k: v for k, v in saved.items() if k in FIELD_TYPES})
     cfg.data_path, cfg.tokenizer_path = data or cfg.data_path, tokenizer or cfg.tokenizer_path
-    model = GPT(model_config(cfg))
+    model = GPT(model_settings(cfg))
     model.load_state_dict(torch.load(run_dir / "final_model.pt", weights_only=True), strict=True)
     return cfg, model
 
