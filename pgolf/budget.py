@@ -12,6 +12,9 @@
 - The container (torch.save structure, names, metadata) is measured by serializing an all-zero
   state of this configuration with `pgolf.artifact.serialize`.
 - Code bytes are those of the packed train_gpt.py (`--compress`: the stub).
+- v2 exports (GPTQ, EMBED_BITS, SD-clip, LQER, COMPRESSOR): a real export of a synthetic state
+  (`pgolf.export_budget`), optionally scaled by a real artifact (`--calibrate`) or by the real bytes
+  of the preset's own export (`--calibrate-bytes N`, e.g. from a record's log).
 """
 from __future__ import annotations
 
@@ -222,12 +225,17 @@ def budget_command(argv: list[str]) -> int:
 
     parser = command_parser("pgolf budget", __doc__, settings=True)
     parser.add_argument("--calibrate", metavar="ARTIFACT", help="measure the ratios on a real run's artifact (.ptz)")
+    parser.add_argument("--calibrate-bytes", type=int, metavar="N", help="v2 exports: N = the real bytes of this "
+                        "preset's own export (e.g. a record log's 'Serialized model' line); scales the prediction")
     parser.add_argument("--compress", action="store_true", help="count the compressed train_gpt.py stub as the code")
     parser.add_argument("--no-search", action="store_true", help="skip the largest-width / largest-depth search")
     args, flags = parse_with_settings(parser, argv)
     cfg = resolve(args.preset, env={}, flags=flags)
     if uses_v2(cfg):
         return budget_v2(cfg, args, flags)
+    if args.calibrate_bytes:
+        parser.error("--calibrate-bytes applies to v2 exports (MATRIX_QUANT, EMBED_BITS, *_CLIP_SIGMAS, LQER_ENABLED "
+                     "or COMPRESSOR set); for this export use --calibrate ARTIFACT")
     planner = Planner(cfg, args.calibrate)
     pred = predict(planner, cfg, code_size(cfg, args.compress))
     hidden = int(round(cfg.mlp_mult * cfg.model_dim))
@@ -270,6 +278,7 @@ def budget_v2(cfg: Hyperparameters, args, flags: dict) -> int:
     pred = predict_config(cfg)
     params = sum(t.numel() for t in model_shapes(cfg).values())
     print("\n".join(format_groups(pred)))
+    print(f"lrzip: {pred.groups.get('lrzip', 'not used (single-stream compressor)')}")
     print(f"synthetic export: {pred.bytes:,} bytes for {params:,} parameters ({8 * pred.bytes / params:.3f} bits each), "
           f"{pred.lqer_tensors} LQER tensors, {pred.seconds:.1f}s")
     model, basis = pred.bytes, ("random-normal weights (std 1) exported for real; GPTQ predicted by rounding to "
@@ -278,6 +287,12 @@ def budget_v2(cfg: Hyperparameters, args, flags: dict) -> int:
         factor, detail = calibrate(args.calibrate, split_patterns(cfg.control_tensor_name_patterns),
                                    split_patterns(cfg.fp16_passthrough_patterns))
         model, basis = round(pred.bytes * factor), f"calibrated on {detail}"
+    elif args.calibrate_bytes:
+        own = pred if not flags else predict_config(resolve(args.preset, env={}, flags={}))
+        factor = args.calibrate_bytes / own.bytes
+        model = round(pred.bytes * factor)
+        basis = (f"calibrated on {args.calibrate_bytes:,} real bytes of preset {args.preset}'s export vs "
+                 f"{own.bytes:,} predicted for it -> factor {factor:.4f}")
     print(f"basis: {basis}")
     code = code_size(cfg, args.compress)
     total = model + code

@@ -78,3 +78,20 @@ def test_budget_command_predicts_v2_and_names_the_code_file(capsys, tmp_path):
     assert total.group(3) == "lzma-compressed train_gpt.py stub"
     model, code, whole = (int(total.group(i).replace(",", "")) for i in (1, 2, 4))
     assert model == synthetic and whole == model + code and code < 60_000
+
+
+def test_calibrate_bytes_scales_by_the_presets_own_export(capsys, monkeypatch):
+    from pgolf import config as config_module
+
+    typed = config()
+    monkeypatch.setitem(config_module.PRESETS, "tiny-v2", {**config_module.PRESETS["baseline"],
+                                                           **{k: getattr(typed, k) for k in {**SHAPE, **V2}}})
+    own = export_budget.predict_config(config()).bytes
+    real = round(own * 0.9)
+    assert budget.budget_command(["--preset", "tiny-v2", "--calibrate-bytes", str(real)]) == 0
+    out = capsys.readouterr().out
+    assert f"calibrated on {real:,} real bytes of preset tiny-v2's export vs {own:,} predicted" in out
+    assert re.search(rf"^model {real:,} \+ code", out, re.M)  # the preset itself: exactly the real bytes
+    assert budget.budget_command(["--preset", "tiny-v2", "--set", "num_layers=3", "--calibrate-bytes", str(real)]) == 0
+    deeper = export_budget.predict_config(config(num_layers=3)).bytes
+    assert re.search(rf"^model {round(deeper * real / own):,} \+ code", capsys.readouterr().out, re.M)
