@@ -1,0 +1,155 @@
+"""CaseOps: a lossless case transform, so that "The", "THE" and "the" share the pieces of "the".
+
+`encode(text)` lowercases every word and writes its capitalization as marker characters in front of
+it; `decode(encode(text)) == text` for every string. Markers are four private-use code points, which
+the tokenizer reserves as user-defined pieces (MARKERS):
+
+    TITLE   U+E010  the next word is Titlecase          "The"   -> TITLE "the"
+    ALLCAPS U+E011  the next word is all capitals       "NASA"  -> ALLCAPS "nasa"
+    CAPNEXT U+E012  the next letter is a capital        "iPhone" -> "i" CAPNEXT "phone"
+    ESC     U+E013  the next character is literal       U+E010 in the input -> ESC U+E010
+
+Letters. Only letters with a one-to-one case pair are transformed: a code point U whose lowercase is
+one code point L with L.upper() == U (and the reverse). Per code point, never per string, so Greek
+final sigma, Turkish dotless i / dotted I, the Kelvin sign, ß, titlecase digraphs (ǅ) and any other
+letter whose case mapping is not a bijection pass through unchanged and are simply not letters here.
+A *word* is a maximal run of such letters; everything else (digits, marks, ß, unpaired letters,
+punctuation) ends a word. Mixed-case words mark each capital with CAPNEXT.
+
+Private-use input. Only the four marker code points are escaped (ESC + the character); every other
+character, private-use ones included, passes through unchanged. decode rejects text that encode cannot
+produce (a marker not followed by what it needs, a capital that is a paired letter, a word marker
+inside a word) with CaseOpsError, so a corrupted token stream is caught rather than guessed at.
+
+The letter classes come from Python's Unicode database (`unicodedata.unidata_version`, recorded as
+`unicode` in a dataset's manifest next to NAME and VERSION).
+
+Bytes. `original_byte_lengths(text')` gives, per character of the transformed text, the UTF-8 bytes of
+the original text it stands for: markers (ESC included) stand for 0 bytes, a lowered letter for its
+capital's bytes, everything else for itself. These sum to len(decode(text').encode()) and are what
+the per-token byte sidecar is made of (pgolf.sidecar).
+"""
+from __future__ import annotations
+
+import re
+import sys
+import unicodedata
+from functools import lru_cache
+
+NAME = "caseops"
+VERSION = 1
+TITLE, ALLCAPS, CAPNEXT, ESC = "\ue010", "\ue011", "\ue012", "\ue013"
+MARKERS = (TITLE, ALLCAPS, CAPNEXT, ESC)
+
+
+class CaseOpsError(ValueError):
+    pass
+
+
+def describe() -> dict:
+    """What a dataset's manifest records about the transform."""
+    return {"name": NAME, "version": VERSION, "markers": [f"U+{ord(m):04X}" for m in MARKERS],
+            "unicode": unicodedata.unidata_version}
+
+
+@lru_cache(maxsize=1)
+def _tables() -> tuple[dict[str, str], dict[str, str], re.Pattern, re.Pattern, re.Pattern]:
+    """(upper->lower, lower->upper, word regex, paired-capital regex, decode regex), built on first use."""
+    to_lower: dict[str, str] = {}
+    for cp in range(sys.maxunicode + 1):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        u = chr(cp)
+        lo = u.lower()
+        if len(lo) == 1 and lo != u and u.upper() == u and lo.upper() == u and lo.lower() == lo:
+            to_lower[u] = lo
+    to_upper = {lo: u for u, lo in to_lower.items()}
+    assert len(to_upper) == len(to_lower)  # one-to-one by construction
+
+    def char_class(chars) -> str:
+        return "[" + "".join(re.escape(c) for c in sorted(chars)) + "]"
+
+    letters = char_class([*to_lower, *to_upper])
+    lowers = char_class(to_upper)
+    word = re.compile(f"{letters}+|[{''.join(MARKERS)}]")
+    capital = re.compile(char_class(to_lower))
+    m = {k: re.escape(v) for k, v in zip(("t", "a", "c", "e"), MARKERS)}
+    decoder = re.compile(f"{m['e']}(.?)|{m['t']}({lowers}?)|{m['a']}({lowers}*)|{m['c']}({lowers}?)", re.S)
+    return to_lower, to_upper, word, capital, decoder
+
+
+def _encode_word(match: re.Match) -> str:
+    word = match.group()
+    if word in MARKERS:
+        return ESC + word
+    to_lower = _tables()[0]
+    upper = [c in to_lower for c in word]
+    if not any(upper):
+        return word
+    lowered = "".join(to_lower.get(c, c) for c in word)
+    if upper[0] and not any(upper[1:]):
+        return TITLE + lowered
+    if all(upper):
+        return ALLCAPS + lowered
+    return "".join(CAPNEXT + lo if up else lo for lo, up in zip(lowered, upper))
+
+
+def encode(text: str) -> str:
+    """Lowercase every word, with its capitalization as markers; escape literal marker characters."""
+    return _tables()[2].sub(_encode_word, text)
+
+
+def _fail(text: str, pos: int, what: str) -> CaseOpsError:
+    return CaseOpsError(f"malformed CaseOps text at character {pos} ({text[max(0, pos - 10):pos + 10]!r}): {what}")
+
+
+def decode(text: str) -> str:
+    """The inverse of encode; CaseOpsError for text that encode cannot produce."""
+    return "".join(_decode_parts(text)[0])
+
+
+def _decode_parts(text: str) -> tuple[list[str], list[tuple[int, int, str]]]:
+    """Decoded pieces, and per marker match (start, end, replacement) for the byte accounting."""
+    to_lower, to_upper, word, capital, decoder = _tables()
+    bad = capital.search(text)
+    if bad:
+        raise _fail(text, bad.start(), f"capital {bad.group()!r} without a marker (encode lowers it)")
+    parts, matches, pos = [], [], 0
+    for m in decoder.finditer(text):
+        start, end = m.span()
+        esc, title, allcaps, capnext = m.groups()
+        if esc is not None:
+            if esc not in MARKERS:
+                raise _fail(text, start, "ESC must be followed by a marker character")
+            out = esc
+        else:
+            body = title if title is not None else allcaps if allcaps is not None else capnext
+            if not body:
+                raise _fail(text, start, "a case marker must be followed by a lowercase letter")
+            if capnext is None and start > 0 and (text[start - 1] in to_upper):
+                raise _fail(text, start, "a word marker inside a word")
+            if allcaps is not None and (len(body) < 2 or text[end:end + 1] in (CAPNEXT, *to_upper)):
+                raise _fail(text, start, "ALLCAPS must cover a whole word of two or more letters")
+            out = "".join(to_upper[c] for c in body) if allcaps is not None else to_upper[body]
+        parts.append(text[pos:start])
+        parts.append(out)
+        matches.append((start, end, out))
+        pos = end
+    parts.append(text[pos:])
+    return parts, matches
+
+
+def original_byte_lengths(text: str) -> list[int]:
+    """Per character of transformed `text`, the UTF-8 bytes of the original text it stands for."""
+    lengths = [len(c.encode("utf-8")) for c in text]
+    for start, end, out in _decode_parts(text)[1]:
+        lengths[start] = 0  # the marker itself
+        for k, c in enumerate(out):
+            lengths[start + 1 + k] = len(c.encode("utf-8"))
+    return lengths
+
+
+def is_letter(char: str) -> bool:
+    """True for the letters the transform lowercases or leaves lowercase (one-to-one case pairs)."""
+    to_lower, to_upper = _tables()[:2]
+    return char in to_lower or char in to_upper
