@@ -24,7 +24,7 @@ inside a word) with CaseOpsError, so a corrupted token stream is caught rather t
 The letter classes come from Python's Unicode database (`unicodedata.unidata_version`, recorded as
 `unicode` in a dataset's manifest next to NAME and VERSION).
 
-Bytes. `original_byte_lengths(text')` gives, per character of the transformed text, the UTF-8 bytes of
+Bytes. `original_byte_lengths(text')` (sparse form: `length_changes`) gives, per character of the transformed text, the UTF-8 bytes of
 the original text it stands for: markers (ESC included) stand for 0 bytes, a lowered letter for its
 capital's bytes, everything else for itself. These sum to len(decode(text').encode()) and are what
 the per-token byte sidecar is made of (pgolf.sidecar).
@@ -139,13 +139,25 @@ def _decode_parts(text: str) -> tuple[list[str], list[tuple[int, int, str]]]:
     return parts, matches
 
 
+def length_changes(text: str) -> list[tuple[int, int]]:
+    """(character index, original UTF-8 bytes) for each character of transformed `text` that stands for
+    another number of bytes than its own: every marker (0), and a lowered letter whose capital is longer
+    or shorter in UTF-8. Every other character stands for itself."""
+    changes = []
+    for start, _, out in _decode_parts(text)[1]:
+        changes.append((start, 0))
+        for k, c in enumerate(out):
+            n = len(c.encode("utf-8"))
+            if n != len(text[start + 1 + k].encode("utf-8")):
+                changes.append((start + 1 + k, n))
+    return changes
+
+
 def original_byte_lengths(text: str) -> list[int]:
     """Per character of transformed `text`, the UTF-8 bytes of the original text it stands for."""
     lengths = [len(c.encode("utf-8")) for c in text]
-    for start, end, out in _decode_parts(text)[1]:
-        lengths[start] = 0  # the marker itself
-        for k, c in enumerate(out):
-            lengths[start + 1 + k] = len(c.encode("utf-8"))
+    for index, n in length_changes(text):
+        lengths[index] = n
     return lengths
 
 

@@ -108,6 +108,8 @@ def _add_data_tools(sub) -> None:
     prep.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
     prep.add_argument("--tokenizer-train-docs", type=int, default=0, help="cap on train docs for the tokenizer")
     prep.add_argument("--byte-sidecar", action="store_true", help="also write fineweb_val_bytes_*.bin")
+    prep.add_argument("--caseops", action="store_true",
+                      help="lossless case transform (pgolf/caseops.py); writes the val byte sidecar")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is done")
     ver = sub.add_parser("verify", help="check shards, tokenizer, manifest and byte accounting")
     ver.add_argument("dir")
@@ -133,12 +135,15 @@ def _prepare(args) -> int:
     manifest = prepare_dataset(args.docs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                                num_val_docs=args.num_val_docs, shard_tokens=args.shard_tokens,
                                workers=args.workers, overwrite=args.overwrite, byte_sidecar=args.byte_sidecar,
-                               tokenizer_train_docs=args.tokenizer_train_docs)
+                               tokenizer_train_docs=args.tokenizer_train_docs,
+                               transform="caseops" if args.caseops else None)
     tok = manifest["tokenizer"]
     print(f"tokenizer:{tok['source']} vocab_size:{tok['vocab_size']} sha256:{tok['sha256'][:16]}")
     for split, stats in manifest["splits"].items():
-        print(f"{split}: docs:{stats['docs']} tokens:{stats['tokens']} shards:{len(stats['shards'])} "
-              f"skipped_empty:{stats['skipped_empty']}")
+        print(f"{split}: docs:{stats['docs']} tokens:{stats['tokens']} bytes:{stats['bytes']} "
+              f"shards:{len(stats['shards'])} skipped_empty:{stats['skipped_empty']}")
+    if manifest["transform"]:
+        print(f"transform:{manifest['transform']['name']} v{manifest['transform']['version']} byte_sidecar:val")
     print(f"DATA_PATH={args.out} TOKENIZER_PATH={args.out}/{tok['model_path']}")
     return 0
 
