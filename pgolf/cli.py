@@ -114,6 +114,7 @@ def _add_data_tools(sub) -> None:
     ver = sub.add_parser("verify", help="check shards, tokenizer, manifest and byte accounting")
     ver.add_argument("dir")
     ver.add_argument("--tokenizer", help="default: the manifest's, else DIR/tokenizer.model")
+    ver.add_argument("--docs", help="source documents to compare the decoded text with (default: the manifest's)")
 
 
 def _download(args) -> int:
@@ -149,10 +150,11 @@ def _prepare(args) -> int:
 
 
 def _verify(args) -> int:
-    from pgolf.verify import format_report, verify_dataset
+    from pgolf.verify import format_report
+    from pgolf.verify_text import verify_with_texts
 
-    report = verify_dataset(args.dir, args.tokenizer, progress=sys.stderr.isatty())
-    print(format_report(report))
+    report, text = verify_with_texts(args.dir, args.tokenizer, args.docs, progress=sys.stderr.isatty())
+    print(format_report(report, text.lines()))
     return 0 if report.ok else 1
 
 

@@ -144,7 +144,7 @@ def check_transform(manifest: dict | None, sp, tokenizer_path, where) -> str | N
 def check_sidecar(data_path: str, sp, tokenizer_path, tokens: np.ndarray, sidecar: np.ndarray | None) -> None:
     """Refuse to score a dataset whose byte counts cannot be right: a transform's tokenizer that does not
     match, a transform without a sidecar, a sidecar whose total differs from the manifest's val bytes,
-    or bytes on a BOS or marker token. tokens/sidecar: the whole val split, aligned."""
+    or bytes on a BOS. tokens/sidecar: the whole val split, aligned."""
     manifest = dataset_manifest(data_path)
     where = Path(data_path) / "manifest.json"
     transform = check_transform(manifest, sp, tokenizer_path, where)
@@ -159,11 +159,7 @@ def check_sidecar(data_path: str, sp, tokenizer_path, tokens: np.ndarray, sideca
         raise SidecarError(f"{data_path}: the byte sidecar sums to {total:,} bytes but {where} records {want:,} "
                            "val bytes; the sidecar is corrupt: prepare the dataset again (pgolf data verify "
                            "names the document)")
-    zero = tokens == BOS_TOKEN
-    for marker in tokenizer_markers(sp):
-        zero |= tokens == sp.piece_to_id(marker)
-    bad = np.flatnonzero(zero & (sidecar != 0))
+    bad = np.flatnonzero((tokens == BOS_TOKEN) & (sidecar != 0))
     if bad.size:
-        raise SidecarError(f"{data_path}: the byte sidecar gives {int(sidecar[bad[0]])} bytes to token "
-                           f"{int(tokens[bad[0]])} at val offset {int(bad[0])}, a BOS or marker, which covers "
-                           "none; prepare the dataset again")
+        raise SidecarError(f"{data_path}: the byte sidecar gives {int(sidecar[bad[0]])} bytes to the BOS at val "
+                           f"offset {int(bad[0])}, which covers none; prepare the dataset again")
