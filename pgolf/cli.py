@@ -92,10 +92,11 @@ def _add_data_tools(sub) -> None:
     from pgolf.download import DEFAULT_REPO_ID, DEFAULT_REMOTE_ROOT
 
     dl = sub.add_parser("download", help="fetch the challenge shards + tokenizer from the Hugging Face hub")
-    dl.add_argument("--variant", default="sp1024", help="dataset fineweb10B_<variant> (sp1024, byte260, ...)")
+    dl.add_argument("--variant", default="sp1024", help="dataset fineweb10B_<variant> (sp1024, byte260, sp8192, "
+                    "sp8192_lossless_caps_caseops_v1_reserved, ...)")
     dl.add_argument("--train-shards", type=int, required=True, help="train shards to fetch (capped at the manifest's)")
     dl.add_argument("--dest", default="./data", help="local root: manifest.json, datasets/, tokenizers/")
-    dl.add_argument("--repo-id", default=DEFAULT_REPO_ID)
+    dl.add_argument("--repo-id", help=f"hub dataset repo (default: where --variant is published, else {DEFAULT_REPO_ID})")
     dl.add_argument("--remote-root", default=DEFAULT_REMOTE_ROOT)
     dl.add_argument("--mirror", help="copy from a local directory laid out like the hub repo instead")
     prep = sub.add_parser("prepare", help="tokenize JSON-lines documents into shards + manifest")
@@ -120,9 +121,9 @@ def _add_data_tools(sub) -> None:
 def _download(args) -> int:
     from pathlib import Path
 
-    from pgolf.download import HfHub, LocalHub, download
+    from pgolf.download import HfHub, LocalHub, download, repo_for
 
-    hub = LocalHub(args.mirror) if args.mirror else HfHub(args.repo_id, Path(args.dest))
+    hub = LocalHub(args.mirror) if args.mirror else HfHub(repo_for(args.variant, args.repo_id), Path(args.dest))
     summary = download(args.variant, args.train_shards, args.dest, hub, remote_root=args.remote_root)
     print(f"fetched:{summary['fetched']} skipped:{summary['skipped']} val_shards:{summary['val_shards']} "
           f"train_shards:{summary['train_shards']}")

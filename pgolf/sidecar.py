@@ -30,6 +30,7 @@ from pgolf import caseops
 from pgolf.spm import BOS_TOKEN
 
 NORMALIZATION = "nmt_nfkc"
+FOREIGN = "unknown"  # a tokenizer with private-use pieces that are not pgolf's CaseOps markers (another transform)
 
 
 class SidecarError(ValueError):
@@ -109,6 +110,11 @@ def tokenizer_markers(sp) -> list[str]:
     return found
 
 
+def private_use_pieces(sp) -> int:
+    """Pieces that are one private-use character: a text transform's markers (ours or another's)."""
+    return sum(1 for i in range(sp.vocab_size()) if len(p := sp.id_to_piece(i)) == 1 and 0xE000 <= ord(p) <= 0xF8FF)
+
+
 def dataset_manifest(data_path: str | Path) -> dict | None:
     """DATA_PATH/manifest.json when `pgolf data prepare` wrote it, else None."""
     path = Path(data_path) / "manifest.json"
@@ -138,7 +144,9 @@ def check_transform(manifest: dict | None, sp, tokenizer_path, where) -> str | N
     if manifest is not None and markers:
         raise SidecarError(f"tokenizer {tokenizer_path} reserves CaseOps marker pieces, but {where} records no "
                            "text transform; use the tokenizer the dataset was prepared with (TOKENIZER_PATH)")
-    return caseops.NAME if markers else None
+    if len(markers) == len(caseops.MARKERS):
+        return caseops.NAME
+    return FOREIGN if private_use_pieces(sp) else None
 
 
 def check_sidecar(data_path: str, sp, tokenizer_path, tokens: np.ndarray, sidecar: np.ndarray | None) -> None:

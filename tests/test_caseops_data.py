@@ -160,3 +160,32 @@ def test_bad_inputs_fail_cleanly_and_leave_nothing(tmp_path):
         prepare_dataset(bad, tmp_path / "out", vocab_size=300, num_val_docs=1, workers=1, transform="caseops",
                         log=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "docs.jsonl"]
+
+
+def test_download_of_the_published_caseops_variant_fetches_its_sidecar(datasets, tmp_path):
+    from pgolf.download import DEFAULT_REPO_ID, LocalHub, download, repo_for
+
+    variant = "sp8192_lossless_caps_caseops_v1_reserved"
+    assert repo_for(variant, None) == "romeerp/parameter-golf-caseops-v1" and repo_for("sp8192", None) != DEFAULT_REPO_ID
+    assert repo_for("sp1024", None) == DEFAULT_REPO_ID and repo_for(variant, "me/mirror") == "me/mirror"
+    root = tmp_path / "hub/datasets"  # a fake hub in the challenge layout, made from the CaseOps dataset
+    folder = root / f"datasets/fineweb10B_{variant}"
+    folder.mkdir(parents=True)
+    for name in ("fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin", "fineweb_train_000000.bin"):
+        (folder / name).write_bytes((datasets / "caseops" / name).read_bytes())
+    (root / "tokenizers").mkdir()
+    (root / "tokenizers/caseops.model").write_bytes((datasets / "caseops/tokenizer.model").read_bytes())
+    stats = {"files_val": 1, "files_train": 1, "docs_val": len(VAL), "docs_train": len(TRAIN)}
+    (root / "manifest.json").write_text(json.dumps({
+        "tokenizers": [{"name": "caseops", "vocab_size": 400, "model_path": "tokenizers/caseops.model"}],
+        "datasets": [{"name": f"fineweb10B_{variant}", "tokenizer_name": "caseops", "stats": stats}]}))
+    summary = download(variant, 1, tmp_path / "data", LocalHub(tmp_path / "hub"), log=lambda line: None)
+    data = tmp_path / "data" / f"datasets/fineweb10B_{variant}"
+    assert summary["fetched"] == 4 and (data / "fineweb_val_bytes_000000.bin").is_file()
+    tokens, tables, sidecar = load_validation(str(data), summary["tokenizer_path"], 400, 0, lambda line: None)
+    assert int(sidecar.astype(np.int64).sum()) == _original_bytes(VAL)
+    report, text = verify_with_texts(data)  # no pgolf manifest: the tokenizer's markers say CaseOps
+    assert report.ok and text.docs_checked == len(VAL) + len(TRAIN) and text.sidecar_mismatches == 0
+    (data / "fineweb_val_bytes_000000.bin").unlink()  # a marker tokenizer without its sidecar is refused
+    with pytest.raises(SidecarError, match="needs its byte sidecar"):
+        load_validation(str(data), summary["tokenizer_path"], 400, 0, lambda line: None)
