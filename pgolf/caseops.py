@@ -159,9 +159,3 @@ def original_byte_lengths(text: str) -> list[int]:
     for index, n in length_changes(text):
         lengths[index] = n
     return lengths
-
-
-def is_letter(char: str) -> bool:
-    """True for the letters the transform lowercases or leaves lowercase (one-to-one case pairs)."""
-    to_lower, to_upper = _tables()[:2]
-    return char in to_lower or char in to_upper
