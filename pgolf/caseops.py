@@ -16,6 +16,11 @@ letter whose case mapping is not a bijection pass through unchanged and are simp
 A *word* is a maximal run of such letters; everything else (digits, marks, ß, unpaired letters,
 punctuation) ends a word. Mixed-case words mark each capital with CAPNEXT.
 
+Markers go before the space. When a word that starts with a marker follows a single space, the marker
+moves in front of that space: " The" -> TITLE " the", not " " TITLE "the". SentencePiece starts a piece
+at every space, so the word keeps its "▁the" piece and the marker costs one token, not two (a marker
+between "▁" and "the" would leave the "▁" as a piece of its own). That is the change from version 1.
+
 Private-use input. Only the four marker code points are escaped (ESC + the character); every other
 character, private-use ones included, passes through unchanged. decode rejects text that encode cannot
 produce (a marker not followed by what it needs, a capital that is a paired letter, a word marker
@@ -24,8 +29,8 @@ inside a word) with CaseOpsError, so a corrupted token stream is caught rather t
 The letter classes come from Python's Unicode database (`unicodedata.unidata_version`, recorded as
 `unicode` in a dataset's manifest next to NAME and VERSION).
 
-Bytes. `original_byte_lengths(text')` (sparse form: `length_changes`) gives, per character of the transformed text, the UTF-8 bytes of
-the original text it stands for: markers (ESC included) stand for 0 bytes, a lowered letter for its
+Bytes. `original_byte_lengths(text')` (sparse form: `length_changes`) gives, per character of the
+transformed text, the UTF-8 bytes of the original text it stands for: markers (ESC included) stand for 0 bytes, a lowered letter for its
 capital's bytes, everything else for itself. These sum to len(decode(text').encode()) and are what
 the per-token byte sidecar is made of (pgolf.sidecar).
 """
@@ -37,7 +42,7 @@ import unicodedata
 from functools import lru_cache
 
 NAME = "caseops"
-VERSION = 1
+VERSION = 2
 TITLE, ALLCAPS, CAPNEXT, ESC = "\ue010", "\ue011", "\ue012", "\ue013"
 MARKERS = (TITLE, ALLCAPS, CAPNEXT, ESC)
 
@@ -71,27 +76,28 @@ def _tables() -> tuple[dict[str, str], dict[str, str], re.Pattern, re.Pattern, r
 
     letters = char_class([*to_lower, *to_upper])
     lowers = char_class(to_upper)
-    word = re.compile(f"{letters}+|[{''.join(MARKERS)}]")
+    word = re.compile(f"( ?)({letters}+)|[{''.join(MARKERS)}]")
     capital = re.compile(char_class(to_lower))
-    m = {k: re.escape(v) for k, v in zip(("t", "a", "c", "e"), MARKERS)}
-    decoder = re.compile(f"{m['e']}(.?)|{m['t']}({lowers}?)|{m['a']}({lowers}*)|{m['c']}({lowers}?)", re.S)
+    case = re.escape(TITLE + ALLCAPS + CAPNEXT)
+    decoder = re.compile(f"{re.escape(ESC)}(.?)|([{case}])( ?)({lowers}*)", re.S)
     return to_lower, to_upper, word, capital, decoder
 
 
 def _encode_word(match: re.Match) -> str:
-    word = match.group()
-    if word in MARKERS:
-        return ESC + word
+    if match.group(2) is None:
+        return ESC + match.group()
+    space, word = match.groups()
     to_lower = _tables()[0]
     upper = [c in to_lower for c in word]
     if not any(upper):
-        return word
+        return space + word
     lowered = "".join(to_lower.get(c, c) for c in word)
     if upper[0] and not any(upper[1:]):
-        return TITLE + lowered
+        return TITLE + space + lowered
     if all(upper):
-        return ALLCAPS + lowered
-    return "".join(CAPNEXT + lo if up else lo for lo, up in zip(lowered, upper))
+        return ALLCAPS + space + lowered
+    marked = "".join(CAPNEXT + lo if up else lo for lo, up in zip(lowered, upper))
+    return marked[0] + space + marked[1:] if upper[0] else space + marked
 
 
 def encode(text: str) -> str:
@@ -117,20 +123,22 @@ def _decode_parts(text: str) -> tuple[list[str], list[tuple[int, int, str]]]:
     parts, matches, pos = [], [], 0
     for m in decoder.finditer(text):
         start, end = m.span()
-        esc, title, allcaps, capnext = m.groups()
+        esc, marker, space, body = m.groups()
         if esc is not None:
             if esc not in MARKERS:
                 raise _fail(text, start, "ESC must be followed by a marker character")
             out = esc
         else:
-            body = title if title is not None else allcaps if allcaps is not None else capnext
             if not body:
                 raise _fail(text, start, "a case marker must be followed by a lowercase letter")
-            if capnext is None and start > 0 and (text[start - 1] in to_upper):
+            if marker != CAPNEXT and not space and start > 0 and text[start - 1] in to_upper:
                 raise _fail(text, start, "a word marker inside a word")
-            if allcaps is not None and (len(body) < 2 or text[end:end + 1] in (CAPNEXT, *to_upper)):
-                raise _fail(text, start, "ALLCAPS must cover a whole word of two or more letters")
-            out = "".join(to_upper[c] for c in body) if allcaps is not None else to_upper[body]
+            if marker == ALLCAPS:
+                if len(body) < 2 or text[end:end + 1] == CAPNEXT:
+                    raise _fail(text, start, "ALLCAPS must cover a whole word of two or more letters")
+                out = space + "".join(to_upper[c] for c in body)
+            else:
+                out = space + to_upper[body[0]] + body[1:]
         parts.append(text[pos:start])
         parts.append(out)
         matches.append((start, end, out))

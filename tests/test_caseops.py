@@ -11,14 +11,16 @@ from pgolf.caseops import ALLCAPS, CAPNEXT, ESC, TITLE, CaseOpsError, decode, en
 EXACT = [
     ("", ""),
     ("the cat", "the cat"),
-    ("The NASA iPhone", f"{TITLE}the {ALLCAPS}nasa i{CAPNEXT}phone"),
-    ("I A", f"{TITLE}i {TITLE}a"),
-    ("McDonald", f"{CAPNEXT}mc{CAPNEXT}donald"),
-    ("ÀB Ωmega", f"{ALLCAPS}àb {TITLE}ωmega"),
+    # a word marker moves in front of the single space before its word (one piece boundary, not two)
+    ("The NASA iPhone", f"{TITLE}the{ALLCAPS} nasa i{CAPNEXT}phone"),
+    ("I A", f"{TITLE}i{TITLE} a"),
+    ("McDonald McD", f"{CAPNEXT}mc{CAPNEXT}donald{CAPNEXT} mc{CAPNEXT}d"),
+    ("ÀB Ωmega", f"{ALLCAPS}àb{TITLE} ωmega"),
+    ("a  The,(The", f"a {TITLE} the,({TITLE}the"),
     # ß has no one-letter capital: it ends the word, so STRA and E are separate words
     ("STRAßE", f"{ALLCAPS}straß{TITLE}e"),
     # Turkish İ (lower is 2 code points), dotless ı (upper I lowers to i), Kelvin sign: not letters here
-    ("İi Iı \u212a", f"İi {TITLE}iı \u212a"),
+    ("İi Iı \u212a", f"İi{TITLE} iı \u212a"),
     # per code point, not str.lower(): final sigma stays σ inside the marker word
     ("ΟΔΟΣ", f"{ALLCAPS}οδοσ"),
     ("\u01c5x", "\u01c5x"),  # titlecase digraph ǅ: no one-to-one pair
@@ -83,11 +85,12 @@ def test_byte_lengths_per_character():
     assert original_byte_lengths(encode("Ab")) == [0, 1, 1]
     assert original_byte_lengths(encode("ÀB")) == [0, 2, 1]
     assert original_byte_lengths(encode(f"x{TITLE}")) == [1, 0, 3]
+    assert original_byte_lengths(encode("a B")) == [1, 0, 1, 1]
 
 
 @pytest.mark.parametrize("bad", [
     TITLE, ALLCAPS, CAPNEXT, ESC, f"{TITLE}1", f"{ESC}a", "The", f"a{TITLE}b", f"{ALLCAPS}a",
-    f"{ALLCAPS}ab{CAPNEXT}c", f"{TITLE}{TITLE}a",
+    f"{ALLCAPS}ab{CAPNEXT}c", f"{TITLE}{TITLE}a", f"{TITLE} ", f"{TITLE}  a", f"{ESC} ",
 ])
 def test_malformed_text_is_rejected(bad):
     with pytest.raises(CaseOpsError, match="malformed CaseOps text at character"):
