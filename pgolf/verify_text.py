@@ -39,12 +39,15 @@ class TextReport:
     sidecar_mismatches: int = 0
     problems: list[str] = field(default_factory=list)
     skipped: str | None = None  # why the documents were not checked
+    transform: str | None = None
 
     def lines(self) -> list[str]:
         if self.skipped:
             return [f"text round trip: not checked ({self.skipped})"]
         against = f"against {self.source}" if self.source else "(no source documents: decoding checked only)"
-        return [f"text round trip: {self.docs_checked:,} documents {against}, {self.text_mismatches:,} mismatches",
+        head = [f"transform: {self.transform} (the bytes column counts the transformed text; val_bpb divides by "
+                "the sidecar bytes)"] if self.transform else []
+        return head + [f"text round trip: {self.docs_checked:,} documents {against}, {self.text_mismatches:,} mismatches",
                 f"byte sidecar: {self.sidecar_mismatches:,} documents whose counts differ"]
 
 
@@ -115,6 +118,7 @@ def check_texts(data_dir: Path, sp, tables, manifest: dict | None, docs: str | N
         report.skipped = ("the tokenizer has private-use pieces of a transform pgolf does not implement; only the "
                           "sidecar's length is checked")
         return report
+    report.transform = transform
     source = Path(docs) if docs else None
     if source is None and manifest and Path(manifest["docs"]["path"]).is_file():
         source = Path(manifest["docs"]["path"])
