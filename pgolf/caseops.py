@@ -134,7 +134,7 @@ def _decode_parts(text: str) -> tuple[list[str], list[tuple[int, int, str]]]:
             if marker != CAPNEXT and not space and start > 0 and text[start - 1] in to_upper:
                 raise _fail(text, start, "a word marker inside a word")
             if marker == ALLCAPS:
-                if len(body) < 2 or text[end:end + 1] == CAPNEXT:
+                if len(body) < 2 or text[end:end + 2].startswith(CAPNEXT) and text[end + 1:end + 2] != " ":
                     raise _fail(text, start, "ALLCAPS must cover a whole word of two or more letters")
                 out = space + "".join(to_upper[c] for c in body)
             else:

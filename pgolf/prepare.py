@@ -153,7 +153,7 @@ def _encode_chunk(texts: list[str], first: int = 0) -> tuple[np.ndarray, np.ndar
     for k, text in enumerate(texts):
         try:
             docs.append(_worker.encode(text))
-        except SidecarError as e:
+        except (SidecarError, caseops.CaseOpsError) as e:
             raise SidecarError(f"document {first + k} (0-based, in file order): {e}") from None
     return (np.concatenate([d[0] for d in docs]), np.array([d[0].size for d in docs], dtype=np.int64),
             np.concatenate([d[1] for d in docs]).astype(np.int64))
