@@ -56,15 +56,20 @@ def _first_difference(a: str, b: str) -> int:
 
 
 def _documents(files: list[str]) -> Iterator[tuple[np.ndarray, int]]:
-    """(ids of [BOS] + document, its offset in the split) over one split's shards."""
-    if not files:
-        return
-    tokens = np.concatenate([read_shard(f) for f in files])
-    starts = np.flatnonzero(tokens == BOS_TOKEN)
-    if starts.size == 0 or starts[0] != 0:
-        raise ShardError(f"{files[0]}: the split does not start with BOS ({BOS_TOKEN})")
-    for s, e in zip(starts, np.append(starts[1:], tokens.size)):
-        yield tokens[s:e], int(s)
+    """(ids of [BOS] + document, its offset in the split) over one split's shards, one shard in memory at
+    a time; a document may continue into the next shard."""
+    carry, base = np.zeros(0, np.uint16), 0  # base: split offset of carry[0]
+    for k, name in enumerate(files):
+        tokens = np.concatenate([carry, read_shard(name)])
+        starts = np.flatnonzero(tokens == BOS_TOKEN)
+        if k == 0 and (starts.size == 0 or starts[0] != 0):
+            raise ShardError(f"{name}: the split does not start with BOS ({BOS_TOKEN})")
+        ends = np.append(starts[1:], tokens.size)
+        last = k == len(files) - 1
+        for s, e in zip(starts, ends) if last else zip(starts[:-1], ends[:-1]):
+            yield tokens[s:e], base + int(s)
+        if not last and starts.size:
+            carry, base = tokens[starts[-1]:], base + int(starts[-1])
 
 
 def _source_texts(docs: Path, num_val: int, sp, transform: str | None, hasher) -> dict[str, list[str]]:
