@@ -286,6 +286,9 @@ def _encode_splits(docs: Path, staging: Path, num_val_docs: int, shard_tokens: i
     if count < num_val_docs:
         raise ValueError(f"{docs}: {count} documents, fewer than --num-val-docs {num_val_docs}; a short val split "
                          "would silently change the metric, so lower --num-val-docs")
+    if num_val_docs and not writers["val"].docs:
+        raise ValueError(f"{docs}: all {num_val_docs} val documents are empty after normalization; a val split "
+                         "needs text: check the input's \"text\" fields")
     splits = {name: {**w.close(), "skipped_empty": skipped[name], "bytes": nbytes[name]}
               for name, w in writers.items()}
     if sidecar is not None:

@@ -203,3 +203,11 @@ def test_two_workers_and_small_shards_give_the_same_dataset(datasets, tmp_path):
     report, text = verify_with_texts(tmp_path / "two")
     assert report.ok, report.problems
     assert text.docs_checked == len(VAL) + len(TRAIN) and text.text_mismatches == text.sidecar_mismatches == 0
+
+
+def test_an_all_empty_val_split_is_an_error_and_leaves_nothing(datasets, tmp_path):
+    docs = write_jsonl(tmp_path / "docs.jsonl", ["", "  \n ", *TRAIN[:3]])
+    with pytest.raises(ValueError, match="all 2 val documents are empty after normalization"):
+        prepare_dataset(docs, tmp_path / "out", tokenizer=str(datasets / "caseops/tokenizer.model"), num_val_docs=2,
+                        workers=1, transform="caseops", log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
