@@ -116,7 +116,7 @@ def decode(text: str) -> str:
 
 def _decode_parts(text: str) -> tuple[list[str], list[tuple[int, int, str]]]:
     """Decoded pieces, and per marker match (start, end, replacement) for the byte accounting."""
-    to_lower, to_upper, word, capital, decoder = _tables()
+    _, to_upper, _, capital, decoder = _tables()
     bad = capital.search(text)
     if bad:
         raise _fail(text, bad.start(), f"capital {bad.group()!r} without a marker (encode lowers it)")
