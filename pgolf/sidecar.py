@@ -65,7 +65,7 @@ def transformed_counts(tables, ids: np.ndarray, text: str) -> np.ndarray:
     if int(spans.sum()) != len(data):
         raise SidecarError(f"the tokens cover {int(spans.sum())} bytes but their text has {len(data)}")
     codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
-    char_bytes = 1 + (codes > 0x7F) + (codes > 0x7FF) + (codes > 0xFFFF).astype(np.int64)
+    char_bytes = 1 + sum((codes > limit).astype(np.int64) for limit in (0x7F, 0x7FF, 0xFFFF))
     last_byte = np.cumsum(char_bytes) - 1
     weights = np.ones(len(data), dtype=np.int64)
     for index, original in caseops.length_changes(text):
