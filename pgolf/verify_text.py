@@ -154,9 +154,10 @@ def verify_with_texts(data_dir: str | Path, tokenizer: str | None = None, docs: 
                       progress: bool = False) -> tuple[Report, TextReport]:
     """pgolf.verify's checks, then the per-document text and sidecar checks; problems of both in report."""
     report = verify_dataset(data_dir, tokenizer, progress=progress)
-    if not report.ok:  # unreadable shards or a wrong tokenizer: the text checks would only repeat that
-        return report, TextReport()
     sp = load_sentencepiece(report.tokenizer)
-    text = check_texts(Path(data_dir), sp, byte_tables(sp, sp.vocab_size()), dataset_manifest(data_dir), docs)
+    try:
+        text = check_texts(Path(data_dir), sp, byte_tables(sp, sp.vocab_size()), dataset_manifest(data_dir), docs)
+    except ShardError:  # an unreadable shard, already among the report's problems
+        return report, TextReport(skipped="a shard cannot be read")
     report.problems += text.problems
     return report, text

@@ -211,3 +211,16 @@ def test_an_all_empty_val_split_is_an_error_and_leaves_nothing(datasets, tmp_pat
         prepare_dataset(docs, tmp_path / "out", tokenizer=str(datasets / "caseops/tokenizer.model"), num_val_docs=2,
                         workers=1, transform="caseops", log=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_a_missing_bos_is_reported(datasets, tmp_path):
+    copy = _copy(datasets, tmp_path)
+    tokens = read_shard(copy / "fineweb_val_000000.bin").copy()
+    third = int(np.flatnonzero(tokens == 1)[3])
+    write_shard(copy / "fineweb_val_000000.bin", np.delete(tokens, third))  # documents 2 and 3 run together
+    counts = read_shard(copy / "fineweb_val_bytes_000000.bin")
+    write_shard(copy / "fineweb_val_bytes_000000.bin", np.delete(counts, third))
+    report, text = verify_with_texts(copy)
+    assert any(p.endswith(f"the val split has {len(VAL) - 1} documents, the source gives {len(VAL)}")
+               for p in report.problems), report.problems
+    assert any(p.startswith("document 2 of the val split: ") for p in report.problems)
