@@ -92,10 +92,11 @@ def _add_data_tools(sub) -> None:
     from pgolf.download import DEFAULT_REPO_ID, DEFAULT_REMOTE_ROOT
 
     dl = sub.add_parser("download", help="fetch the challenge shards + tokenizer from the Hugging Face hub")
-    dl.add_argument("--variant", default="sp1024", help="dataset fineweb10B_<variant> (sp1024, byte260, ...)")
+    dl.add_argument("--variant", default="sp1024", help="dataset fineweb10B_<variant> (sp1024, byte260, sp8192, "
+                    "sp8192_lossless_caps_caseops_v1_reserved, ...)")
     dl.add_argument("--train-shards", type=int, required=True, help="train shards to fetch (capped at the manifest's)")
     dl.add_argument("--dest", default="./data", help="local root: manifest.json, datasets/, tokenizers/")
-    dl.add_argument("--repo-id", default=DEFAULT_REPO_ID)
+    dl.add_argument("--repo-id", help=f"hub dataset repo (default: where --variant is published, else {DEFAULT_REPO_ID})")
     dl.add_argument("--remote-root", default=DEFAULT_REMOTE_ROOT)
     dl.add_argument("--mirror", help="copy from a local directory laid out like the hub repo instead")
     prep = sub.add_parser("prepare", help="tokenize JSON-lines documents into shards + manifest")
@@ -108,18 +109,21 @@ def _add_data_tools(sub) -> None:
     prep.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
     prep.add_argument("--tokenizer-train-docs", type=int, default=0, help="cap on train docs for the tokenizer")
     prep.add_argument("--byte-sidecar", action="store_true", help="also write fineweb_val_bytes_*.bin")
+    prep.add_argument("--caseops", action="store_true",
+                      help="lossless case transform (pgolf/caseops.py); writes the val byte sidecar")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is done")
     ver = sub.add_parser("verify", help="check shards, tokenizer, manifest and byte accounting")
     ver.add_argument("dir")
     ver.add_argument("--tokenizer", help="default: the manifest's, else DIR/tokenizer.model")
+    ver.add_argument("--docs", help="source documents to compare the decoded text with (default: the manifest's)")
 
 
 def _download(args) -> int:
     from pathlib import Path
 
-    from pgolf.download import HfHub, LocalHub, download
+    from pgolf.download import HfHub, LocalHub, download, repo_for
 
-    hub = LocalHub(args.mirror) if args.mirror else HfHub(args.repo_id, Path(args.dest))
+    hub = LocalHub(args.mirror) if args.mirror else HfHub(repo_for(args.variant, args.repo_id), Path(args.dest))
     summary = download(args.variant, args.train_shards, args.dest, hub, remote_root=args.remote_root)
     print(f"fetched:{summary['fetched']} skipped:{summary['skipped']} val_shards:{summary['val_shards']} "
           f"train_shards:{summary['train_shards']}")
@@ -133,21 +137,25 @@ def _prepare(args) -> int:
     manifest = prepare_dataset(args.docs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                                num_val_docs=args.num_val_docs, shard_tokens=args.shard_tokens,
                                workers=args.workers, overwrite=args.overwrite, byte_sidecar=args.byte_sidecar,
-                               tokenizer_train_docs=args.tokenizer_train_docs)
+                               tokenizer_train_docs=args.tokenizer_train_docs,
+                               transform="caseops" if args.caseops else None)
     tok = manifest["tokenizer"]
     print(f"tokenizer:{tok['source']} vocab_size:{tok['vocab_size']} sha256:{tok['sha256'][:16]}")
     for split, stats in manifest["splits"].items():
-        print(f"{split}: docs:{stats['docs']} tokens:{stats['tokens']} shards:{len(stats['shards'])} "
-              f"skipped_empty:{stats['skipped_empty']}")
+        print(f"{split}: docs:{stats['docs']} tokens:{stats['tokens']} bytes:{stats['bytes']} "
+              f"shards:{len(stats['shards'])} skipped_empty:{stats['skipped_empty']}")
+    if manifest["transform"]:
+        print(f"transform:{manifest['transform']['name']} v{manifest['transform']['version']} byte_sidecar:val")
     print(f"DATA_PATH={args.out} TOKENIZER_PATH={args.out}/{tok['model_path']}")
     return 0
 
 
 def _verify(args) -> int:
-    from pgolf.verify import format_report, verify_dataset
+    from pgolf.verify import format_report
+    from pgolf.verify_text import verify_with_texts
 
-    report = verify_dataset(args.dir, args.tokenizer, progress=sys.stderr.isatty())
-    print(format_report(report))
+    report, text = verify_with_texts(args.dir, args.tokenizer, args.docs, progress=sys.stderr.isatty())
+    print(format_report(report, text.lines()))
     return 0 if report.ok else 1
 
 

@@ -26,6 +26,14 @@ from typing import Callable, Protocol
 from pgolf.data import ShardError, read_shard_header
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+# Published variants whose shards live outside the challenge repo, and those whose val split ships a
+# per-token byte sidecar (fineweb_val_bytes_NNNNNN.bin: a transformed tokenizer's original bytes), which
+# is fetched with every val shard. Any other variant is looked up in DEFAULT_REPO_ID's manifest.
+VARIANT_REPOS = {
+    "sp8192": "kevclark/parameter-golf",
+    "sp8192_lossless_caps_caseops_v1_reserved": "romeerp/parameter-golf-caseops-v1",
+}
+SIDECAR_VARIANTS = frozenset({"sp8192_lossless_caps_caseops_v1_reserved"})
 DEFAULT_REMOTE_ROOT = "datasets"
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_KEYS = ("model_path", "vocab_path", "path")
@@ -199,14 +207,21 @@ def _load_manifest(hub: Hub, remote_root: str, dest: Path, log: Callable[[str], 
         raise ValueError(f"{local}: not a JSON manifest ({e}); delete it and run the download again") from None
 
 
+def repo_for(variant: str, repo_id: str | None) -> str:
+    """--repo-id when given, else where the variant is published."""
+    return repo_id or VARIANT_REPOS.get(variant, DEFAULT_REPO_ID)
+
+
 def download_plan(manifest: dict, variant: str, train_shards: int, where: str) -> tuple[list[str], dict]:
-    """Relative paths to fetch (val shards, train shards, tokenizer files) and a summary."""
+    """Relative paths to fetch (val shards and their byte sidecars, train shards, tokenizer files) and a summary."""
     name = f"fineweb10B_{variant}"
     dataset = dataset_entry(manifest, name, where)
     files_val, files_train = dataset_counts(dataset, where)
     folder = dataset.get("path") or f"datasets/{name}"
     n_train = min(train_shards, files_train)
     shards = [f"{folder}/fineweb_val_{i:06d}.bin" for i in range(files_val)]
+    if variant in SIDECAR_VARIANTS:  # without it a transformed tokenizer's bytes would be counted wrong
+        shards += [f"{folder}/fineweb_val_bytes_{i:06d}.bin" for i in range(files_val)]
     shards += [f"{folder}/fineweb_train_{i:06d}.bin" for i in range(n_train)]
     tok = tokenizer_entry(manifest, dataset, where)
     tokenizer_files = [tok[k] for k in TOKENIZER_KEYS if isinstance(tok.get(k), str)]

@@ -193,6 +193,7 @@ def evaluate(model, tokens: np.ndarray, tables: ByteTables | None, *, seq_len: i
 def load_validation(data_path: str, tokenizer_path: str, vocab_size: int, max_tokens: int, log):
     """The val split's tokens, the tokenizer's byte tables and the byte sidecar (None without one)."""
     from pgolf.data import load_byte_sidecar, load_tokens, val_pattern
+    from pgolf.sidecar import check_sidecar
 
     sp = load_sentencepiece(tokenizer_path)
     if sp.vocab_size() > vocab_size:
@@ -203,8 +204,11 @@ def load_validation(data_path: str, tokenizer_path: str, vocab_size: int, max_to
             "(the rows above the tokenizer's ids are never an input or a target, yet they are trained, stored and "
             f"counted in the artifact; set VOCAB_SIZE={sp.vocab_size()} to drop them)")
     tables = byte_tables(sp, vocab_size)
-    tokens = load_tokens(val_pattern(data_path), vocab_size, max_tokens)
-    sidecar = load_byte_sidecar(data_path, len(tokens), max_tokens)
+    tokens = load_tokens(val_pattern(data_path), vocab_size)
+    sidecar = load_byte_sidecar(data_path, len(tokens))
+    check_sidecar(data_path, sp, tokenizer_path, tokens, sidecar)  # on the whole split, before any cut
+    if max_tokens > 0:
+        tokens, sidecar = tokens[:max_tokens], None if sidecar is None else sidecar[:max_tokens]
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={tokenizer_path}"
         + (" byte_sidecar:enabled" if sidecar is not None else ""))
     log(f"val_loader:shards pattern={val_pattern(data_path)} tokens:{len(tokens)}")

@@ -28,12 +28,14 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from pgolf import caseops
 from pgolf.fileio import write_atomic
 from pgolf.data import write_shard
 from pgolf.download import MANIFEST_NAME
 from pgolf.eval import byte_tables, load_sentencepiece
-from pgolf.spm import BOS_TOKEN, encode_document, train_sentencepiece
-from pgolf.verify import PREPARE_FORMAT, TOKENIZER_NAME, sha256_file, write_byte_sidecars
+from pgolf.sidecar import NORMALIZATION, DocEncoder, SidecarError, canonical, normalizer, tokenizer_markers
+from pgolf.spm import BOS_TOKEN, train_sentencepiece
+from pgolf.verify import PREPARE_FORMAT, TOKENIZER_NAME, sha256_file
 
 DEFAULT_SHARD_TOKENS = 10**8
 DEFAULT_NUM_VAL_DOCS = 50_000
@@ -136,19 +138,25 @@ class ShardWriter:
         self.shards.append(name)
 
 
-_worker_sp = None
+_worker: DocEncoder | None = None
 
 
-def _init_worker(model_path: str) -> None:
-    global _worker_sp
-    import sentencepiece as spm
+def _init_worker(model_path: str, transform: str | None = None) -> None:
+    global _worker
+    sp = load_sentencepiece(model_path)
+    _worker = DocEncoder(sp, byte_tables(sp, sp.vocab_size()), transform)
 
-    _worker_sp = spm.SentencePieceProcessor(model_file=model_path)
 
-
-def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    docs = [encode_document(_worker_sp, t) for t in texts]
-    return np.concatenate(docs), np.array([d.size for d in docs], dtype=np.int64)
+def _encode_chunk(texts: list[str], first: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each text's [BOS] + ids and per-token original byte counts (pgolf.sidecar), flattened."""
+    docs = []
+    for k, text in enumerate(texts):
+        try:
+            docs.append(_worker.encode(text))
+        except (SidecarError, caseops.CaseOpsError) as e:
+            raise SidecarError(f"document {first + k} (0-based, in file order): {e}") from None
+    return (np.concatenate([d[0] for d in docs]), np.array([d[0].size for d in docs], dtype=np.int64),
+            np.concatenate([d[1] for d in docs]).astype(np.int64))
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -162,32 +170,45 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _unpack(result: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
-    flat, lengths = result
-    return np.split(flat, np.cumsum(lengths)[:-1])
+def _unpack(result: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    flat, lengths, counts = result
+    cuts = np.cumsum(lengths)[:-1]
+    return list(zip(np.split(flat, cuts), np.split(counts, cuts)))
 
 
-def encode_in_order(texts: Iterable[str], model_path: str | Path, workers: int) -> Iterator[np.ndarray]:
-    """Each text's [BOS] + ids, in input order. At most 2 chunks per worker are in flight, so memory
-    stays bounded however large the input is (Pool.imap would read the whole input ahead)."""
+def encode_in_order(texts: Iterable[str], model_path: str | Path, workers: int,
+                    transform: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each text's ([BOS] + ids, byte counts), in input order. At most 2 chunks per worker are in flight,
+    so memory stays bounded however large the input is (Pool.imap would read the whole input ahead)."""
     if workers <= 1:
-        _init_worker(str(model_path))
-        for chunk in _chunks(texts, CHUNK_DOCS):
-            yield from _unpack(_encode_chunk(chunk))
+        _init_worker(str(model_path), transform)
+        for n, chunk in enumerate(_chunks(texts, CHUNK_DOCS)):
+            yield from _unpack(_encode_chunk(chunk, n * CHUNK_DOCS))
         return
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(str(model_path),)) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(str(model_path), transform)) as pool:
         pending: deque = deque()
-        for chunk in _chunks(texts, CHUNK_DOCS):
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+        for n, chunk in enumerate(_chunks(texts, CHUNK_DOCS)):
+            pending.append(pool.apply_async(_encode_chunk, (chunk, n * CHUNK_DOCS)))
             if len(pending) >= 2 * workers:
                 yield from _unpack(pending.popleft().get())
         while pending:
             yield from _unpack(pending.popleft().get())
 
 
+def _training_texts(docs: Path, num_val_docs: int, limit: int | None, transform: str | None) -> list[str]:
+    texts = list(islice((t for _, _, t in iter_documents(docs)), num_val_docs,
+                        None if limit is None else num_val_docs + limit))
+    if transform:
+        norm = normalizer()
+        texts = [caseops.encode(canonical(norm, t)) for t in texts]
+    return texts
+
+
 def _setup_tokenizer(staging: Path, docs: Path, tokenizer: str | None, vocab_size: int | None,
-                     num_val_docs: int, tokenizer_train_docs: int, log: Callable[[str], None]) -> dict:
-    """Copy the given model, or train one on the train documents only (never on val text)."""
+                     num_val_docs: int, tokenizer_train_docs: int, log: Callable[[str], None],
+                     transform: str | None = None) -> dict:
+    """Copy the given model, or train one on the train documents only (never on val text); with a
+    transform, on the transformed text, with the transform's markers reserved as pieces."""
     target = staging / TOKENIZER_NAME
     if tokenizer:
         sp = load_sentencepiece(tokenizer)
@@ -201,18 +222,26 @@ def _setup_tokenizer(staging: Path, docs: Path, tokenizer: str | None, vocab_siz
     else:
         vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
         limit = tokenizer_train_docs if tokenizer_train_docs > 0 else None
-        texts = list(islice((t for _, _, t in iter_documents(docs)), num_val_docs, None if limit is None
-                            else num_val_docs + limit))
+        texts = _training_texts(docs, num_val_docs, limit, transform)
         if not texts:
             raise ValueError(f"{docs}: no train documents after the first {num_val_docs} (val) to train a "
                              "tokenizer on; lower --num-val-docs or pass --tokenizer MODEL")
         log(f"training a {vocab_size}-token BPE tokenizer on {len(texts):,} train documents")
-        train_sentencepiece(texts, vocab_size, target)
+        try:
+            train_sentencepiece(texts, vocab_size, target, reserved=caseops.MARKERS if transform else ())
+        except RuntimeError as e:  # SentencePiece's own complaints, e.g. a vocab smaller than the characters
+            raise ValueError(f"--vocab-size {vocab_size}: SentencePiece cannot train on {docs} "
+                             f"({str(e).strip().splitlines()[-1]}); choose another --vocab-size") from None
         sp = load_sentencepiece(target)
         source, trained_docs = "trained", len(texts)
     if sp.bos_id() != BOS_TOKEN or sp.vocab_size() > 2**16:
         raise ValueError(f"{tokenizer or target}: bos_id {sp.bos_id()}, vocab size {sp.vocab_size()}; shards need "
                          f"BOS id {BOS_TOKEN} and at most 65536 ids (train with the challenge settings)")
+    markers = tokenizer_markers(sp)
+    if bool(transform) != bool(markers) or (transform and len(markers) != len(caseops.MARKERS)):
+        raise ValueError(f"{tokenizer or target}: has {len(markers)} of the {len(caseops.MARKERS)} CaseOps marker "
+                         f"pieces, but the dataset is {'CaseOps' if transform else 'untransformed'}; "
+                         + ("pass a tokenizer trained with --caseops" if transform else "add --caseops"))
     return {"model_path": TOKENIZER_NAME, "sha256": sha256_file(target), "vocab_size": sp.vocab_size(),
             "bos_id": BOS_TOKEN, "source": source, "trained_on_docs": trained_docs}
 
@@ -225,8 +254,9 @@ def _progress_bar(total: int, enabled: bool | None):
 
 
 def _encode_splits(docs: Path, staging: Path, num_val_docs: int, shard_tokens: int, workers: int,
-                   progress: bool | None) -> tuple[dict, dict]:
-    """Write both splits' shards; return the per-split stats and the input's description."""
+                   progress: bool | None, transform: str | None = None, byte_sidecar: bool = False) -> tuple[dict, dict]:
+    """Write both splits' shards (and the val byte sidecar, aligned shard for shard); return the per-split
+    stats, with each split's original UTF-8 bytes, and the input's description."""
     hasher = hashlib.sha256()
     bar = _progress_bar(docs.stat().st_size, progress)
 
@@ -236,21 +266,33 @@ def _encode_splits(docs: Path, staging: Path, num_val_docs: int, shard_tokens: i
             yield text
 
     writers = {"val": ShardWriter(staging, "val", shard_tokens), "train": ShardWriter(staging, "train", shard_tokens)}
-    skipped = {"val": 0, "train": 0}
+    sidecar = ShardWriter(staging, "val_bytes", shard_tokens) if byte_sidecar else None
+    skipped, nbytes = {"val": 0, "train": 0}, {"val": 0, "train": 0}
     count = 0
     with bar:
-        for count, ids in enumerate(encode_in_order(texts(), staging / TOKENIZER_NAME, workers), 1):
+        for count, (ids, counts) in enumerate(encode_in_order(texts(), staging / TOKENIZER_NAME, workers,
+                                                              transform), 1):
             split = "val" if count <= num_val_docs else "train"
             if ids.size == 1:  # BOS alone: nothing left after normalization
                 skipped[split] += 1
-            else:
-                writers[split].add(ids)
+                continue
+            assert ids[0] == BOS_TOKEN and counts[0] == 0  # every document starts with its BOS, worth 0 bytes
+            writers[split].add(ids)
+            nbytes[split] += int(counts.sum())
+            if split == "val" and sidecar is not None:
+                sidecar.add(counts.astype(np.uint16))
     if count == 0:
         raise ValueError(f"{docs}: no documents (every line is blank)")
     if count < num_val_docs:
         raise ValueError(f"{docs}: {count} documents, fewer than --num-val-docs {num_val_docs}; a short val split "
                          "would silently change the metric, so lower --num-val-docs")
-    splits = {name: {**w.close(), "skipped_empty": skipped[name]} for name, w in writers.items()}
+    if num_val_docs and not writers["val"].docs:
+        raise ValueError(f"{docs}: all {num_val_docs} val documents are empty after normalization; a val split "
+                         "needs text: check the input's \"text\" fields")
+    splits = {name: {**w.close(), "skipped_empty": skipped[name], "bytes": nbytes[name]}
+              for name, w in writers.items()}
+    if sidecar is not None:
+        sidecar.close()
     return splits, {"path": str(docs), "sha256": hasher.hexdigest(), "documents": count}
 
 
@@ -268,9 +310,10 @@ def _install(staging: Path, out: Path) -> None:
 def prepare_dataset(docs: str | Path, out: str | Path, *, tokenizer: str | None = None, vocab_size: int | None = None,
                     num_val_docs: int = DEFAULT_NUM_VAL_DOCS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
                     workers: int | None = None, overwrite: bool = False, byte_sidecar: bool = False,
-                    tokenizer_train_docs: int = 0, progress: bool | None = None,
+                    tokenizer_train_docs: int = 0, progress: bool | None = None, transform: str | None = None,
                     log: Callable[[str], None] | None = print) -> dict:
-    """Tokenize docs into out/ (shards, tokenizer.model, manifest.json); return the manifest."""
+    """Tokenize docs into out/ (shards, tokenizer.model, manifest.json); return the manifest.
+    transform="caseops" applies pgolf.caseops (and always writes the val byte sidecar)."""
     docs, out, log = Path(docs), Path(out), log or (lambda message: None)
     if not docs.is_file():
         raise ValueError(f"--docs {docs}: no such file")
@@ -283,14 +326,15 @@ def prepare_dataset(docs: str | Path, out: str | Path, *, tokenizer: str | None 
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the dataset private to this user
     try:
-        tok = _setup_tokenizer(staging, docs, tokenizer, vocab_size, num_val_docs, tokenizer_train_docs, log)
+        byte_sidecar = byte_sidecar or bool(transform)  # a transform's bytes exist only in its sidecar
+        tok = _setup_tokenizer(staging, docs, tokenizer, vocab_size, num_val_docs, tokenizer_train_docs, log,
+                               transform)
         workers = max(1, workers or os.cpu_count() or 1)
-        splits, source = _encode_splits(docs, staging, num_val_docs, shard_tokens, workers, progress)
-        if byte_sidecar:
-            sp = load_sentencepiece(staging / TOKENIZER_NAME)
-            write_byte_sidecars(staging, byte_tables(sp, sp.vocab_size()))
+        splits, source = _encode_splits(docs, staging, num_val_docs, shard_tokens, workers, progress, transform,
+                                        byte_sidecar)
         manifest = {"format": PREPARE_FORMAT, "docs": source, "num_val_docs": num_val_docs,
                     "shard_tokens": shard_tokens, "append_eos": False, "byte_sidecar": byte_sidecar,
+                    "normalization": NORMALIZATION, "transform": caseops.describe() if transform else None,
                     "tokenizer": tok, "splits": splits}
         write_atomic(staging / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
         _install(staging, out)

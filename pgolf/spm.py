@@ -17,10 +17,14 @@ from pgolf.fileio import write_atomic
 BOS_TOKEN = 1
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str | Path, threads: int = 2) -> Path:
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str | Path, threads: int = 2,
+                        reserved: tuple[str, ...] = ()) -> Path:
     """Train a BPE model from document texts; writes model_path and its .vocab atomically.
 
     The model is trained into memory, so its bytes (and sha256) depend only on the texts and settings.
+    `reserved` strings become user-defined pieces (a transform's markers): always in the vocabulary,
+    never merged with their neighbours. A model that comes out smaller than vocab_size (the text has
+    too few distinct merges) is an error, not a silently smaller vocabulary.
     """
     import sentencepiece as spm
 
@@ -34,9 +38,12 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str |
         model_type="bpe", vocab_size=vocab_size, character_coverage=0.999, byte_fallback=True,
         split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
         pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False, num_threads=threads,
-        minloglevel=2,
+        minloglevel=2, **({"user_defined_symbols": list(reserved)} if reserved else {}),
     )
     sp = spm.SentencePieceProcessor(model_proto=blob.getvalue())
+    if sp.vocab_size() != vocab_size:
+        raise ValueError(f"{model_path}: the training text supports only {sp.vocab_size()} pieces, not the "
+                         f"{vocab_size} asked for; lower --vocab-size or train on more documents")
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
     for path, data in ((model_path.with_suffix(".vocab"), vocab.encode()), (model_path, blob.getvalue())):
         write_atomic(path, data)

@@ -359,7 +359,7 @@ def verify_dataset(data_dir: str | Path, tokenizer: str | None = None, progress:
     return report
 
 
-def format_report(report: Report) -> str:
+def format_report(report: Report, extra: list[str] = ()) -> str:
     sidecars = any(r.sidecar_bytes is not None for r in report.rows)
     lines = [f"dataset:   {report.data_dir}", f"tokenizer: {report.tokenizer} (vocab {report.vocab_size})",
              f"manifest:  {report.manifest or 'none'}",
@@ -373,5 +373,6 @@ def format_report(report: Report) -> str:
     lines += [f"note: {n}" for n in report.notes]
     lines.append(f"byte accounting: {report.docs_checked:,} documents checked, {report.mismatches:,} mismatches")
     lines.append(f"tokenizer round trip: {report.roundtrip_mismatches:,} documents re-encode to other ids")
+    lines += extra
     lines += ["OK"] if report.ok else [f"FAILED: {p}" for p in report.problems]
     return "\n".join(lines)

@@ -42,10 +42,12 @@ def test_known_input_gives_exact_ids(tmp_path, tokenizer):
     # the ids are the tokenizer's own encoding, and decode back to the (normalized) text
     assert KNOWN_VAL[1:8] == sp.encode(KNOWN_TEXTS[0]) and sp.decode(KNOWN_VAL[1:8]) == KNOWN_TEXTS[0]
     assert sp.decode(KNOWN_VAL[9:]) == KNOWN_TEXTS[1] and sp.decode(KNOWN_TRAIN[1:]) == "a b"
+    # bytes: the UTF-8 length of the normalized text, 17 + 8 ("é" is 2 bytes) and 3 ("a b")
     assert manifest["splits"]["val"] == {"docs": 2, "tokens": 17, "shards": ["fineweb_val_000000.bin"],
-                                         "skipped_empty": 0}
+                                         "skipped_empty": 0, "bytes": 25}
     assert manifest["splits"]["train"] == {"docs": 1, "tokens": 4, "shards": ["fineweb_train_000000.bin"],
-                                           "skipped_empty": 1}
+                                           "skipped_empty": 1, "bytes": 3}
+    assert manifest["transform"] is None and manifest["normalization"] == "nmt_nfkc"
     assert manifest["tokenizer"]["sha256"] == sha256_file(tokenizer) == sha256_file(tmp_path / "out/tokenizer.model")
     assert manifest["tokenizer"]["vocab_size"] == 300 and manifest["docs"]["documents"] == 4
     assert json.loads((tmp_path / "out/manifest.json").read_text()) == manifest
@@ -117,7 +119,7 @@ def test_existing_output_needs_overwrite_and_survives_a_failed_run(tmp_path, tok
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prepare_mod, "write_byte_sidecars", crash)  # fails after the shards, before the manifest
+    monkeypatch.setattr(prepare_mod, "write_atomic", crash)  # fails after the shards and sidecar, at the manifest
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_dataset(docs, tmp_path / "out", tokenizer=str(tokenizer), num_val_docs=1, workers=1,
                         overwrite=True, byte_sidecar=True, log=None)
@@ -158,7 +160,7 @@ def test_cli_prepare_prints_counts_and_exits_2_on_bad_input(tmp_path, tokenizer,
             "--num-val-docs", "2", "--workers", "1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "val: docs:2 tokens:17 shards:1 skipped_empty:0" in printed
-    assert "train: docs:1 tokens:4 shards:1 skipped_empty:1" in printed
+    assert "val: docs:2 tokens:17 bytes:25 shards:1 skipped_empty:0" in printed
+    assert "train: docs:1 tokens:4 bytes:3 shards:1 skipped_empty:1" in printed
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
