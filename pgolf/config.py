@@ -174,8 +174,9 @@ PRESETS["seed170-11l"] = {**PRESETS["seed170"], "num_layers": 11, "muon_weight_d
 # per-group export, TTT): docs/techniques.md.
 PRESETS["frontier"] = _preset(
     vocab_size=8192,  # README: VOCAB_SIZE=8192
-    data_path="./data/datasets/fineweb10B_sp8192",  # code: DATA_DIR/datasets/fineweb10B_sp{VOCAB_SIZE}
-    tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",  # code: DATA_DIR/tokenizers/fineweb_{V}_bpe.model
+    # README run command: the published CaseOps sp8192 data (val byte sidecar read by the evaluator)
+    data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+    tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
     num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4,  # README: 11 x 512d, 8 GQA heads, 4 KV heads
     mlp_mult=4.0, mlp_negative_slope=0.5,  # README: MLP 4x (2048) with LeakyReLU(0.5)^2 (PR #493)
     xsa_last_n=11,  # README: XSA on all 11 layers (PR #478)
