@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.eval import EvalResult
-from pgolf.spm import BOS_TOKEN
-from pgolf.ttt_lora import DocumentAdapters, make_optimizer
+from pgolf.ttt_lora import DocumentAdapters, RowOptimizer
 
 
 @dataclass
@@ -92,11 +91,11 @@ class TTTSettings:
                 f"batch:{self.ttt_batch_size} phases:{len(self.boundaries())} prefix_docs:{self.phased_ttt_prefix_docs} ")
 
 
-def find_documents(tokens: np.ndarray) -> np.ndarray:
+def find_documents(tokens: np.ndarray, bos_id: int) -> np.ndarray:
     """[n, 3] (start, targets, previous start) per document. A document starts at a BOS (or at token 0) and
     owns that BOS as a target (predicted from the previous document, -1: none) and the `targets` after it,
     up to the next BOS."""
-    starts = np.flatnonzero(tokens == BOS_TOKEN)
+    starts = np.flatnonzero(tokens == bos_id)
     if not starts.size or starts[0] != 0:
         starts = np.concatenate([[0], starts])
     ends = np.append(starts[1:], len(tokens))
@@ -141,87 +140,115 @@ class Context:
     totals: Totals
 
 
-def chunk_window(start: int, targets: int, c: int, C: int, L: int) -> tuple[int, int, int]:
-    """(first input, inputs, scored) of chunk c of a document: inputs tokens[first : first+inputs] end at
-    the chunk's grid end; its last `scored` targets (positions start+c*C+1 ...) are scored."""
-    grid_end = (c + 1) * C
-    width = min(L, grid_end)
-    return start + grid_end - width, width, min(C, targets - c * C)
+class Rows:
+    """Which document each of the B rows holds (-1: none) and its next chunk; documents enter rows in stream
+    order as rows free up, so the row and the step a document gets depend only on the documents before it."""
+
+    def __init__(self, docs: np.ndarray, batch: int, C: int):
+        self.docs, self.queue = docs, 0
+        self.doc = np.full(batch, -1, dtype=np.int64)
+        self.chunk = np.zeros(batch, dtype=np.int64)
+        self.chunks = -(-docs[:, 1] // C)  # a document with no targets past its BOS has none
+
+    def fill(self) -> np.ndarray:
+        """Give free rows the next documents that have chunks; returns the rows that were given one."""
+        fresh = []
+        for b in np.flatnonzero(self.doc < 0):
+            while self.queue < len(self.docs) and self.chunks[self.queue] == 0:
+                self.queue += 1
+            if self.queue == len(self.docs):
+                break
+            self.doc[b], self.chunk[b] = self.queue, 0
+            self.queue += 1
+            fresh.append(b)
+        return np.asarray(fresh, dtype=np.int64)
+
+    def advance(self) -> None:
+        busy = self.doc >= 0
+        self.chunk[busy] += 1
+        done = busy & (self.chunk >= self.chunks[np.maximum(self.doc, 0)])
+        self.doc[done] = -1
 
 
-def run_batch(model, docs: np.ndarray, ctx: Context) -> None:
-    """Score and adapt one batch of documents, chunk by chunk (see the module doc)."""
+def adapt_documents(model, docs: np.ndarray, ctx: Context) -> None:
+    """Score and adapt `docs` (find_documents rows, in stream order), chunk by chunk, B rows at a time. Every
+    forward is [B, TTT_EVAL_SEQ_LEN]: a row's result never depends on the shape its neighbours give the batch."""
     s, tokens, device = ctx.s, ctx.tokens, ctx.tokens.device
-    B, C, L = len(docs), s.ttt_chunk_size, s.ttt_eval_seq_len
+    B, C, L = s.ttt_batch_size, s.ttt_chunk_size, s.ttt_eval_seq_len
     score_openings(model, docs, ctx)
     adapters = DocumentAdapters(model, B, s.ttt_lora_rank, s.ttt_lora_alpha, k_lora=s.ttt_k_lora,
                                 o_lora=s.ttt_o_lora, mlp_lora=s.ttt_mlp_lora)
-    opt = make_optimizer(adapters.parameters(), s.ttt_optimizer, s.ttt_lora_lr, s.ttt_beta1, s.ttt_beta2,
-                         s.ttt_weight_decay)
-    chunks = -(-docs[:, 1] // C)
-    for c in range(int(chunks.max())):
-        width = min(L, (c + 1) * C)
-        rows = np.flatnonzero(chunks > c)
-        first = np.zeros(B, dtype=np.int64)
-        scored = np.zeros(B, dtype=np.int64)
-        for b in rows:
-            first[b], _, scored[b] = chunk_window(int(docs[b, 0]), int(docs[b, 1]), c, C, L)
-        cols = np.arange(width + 1)
+    opt = RowOptimizer(adapters.parameters(), B, s.ttt_optimizer, s.ttt_lora_lr, s.ttt_beta1, s.ttt_beta2,
+                       s.ttt_weight_decay)
+    rows, cols = Rows(docs, B, C), np.arange(L + 1)
+    while True:
+        fresh = torch.from_numpy(rows.fill()).to(device)
+        adapters.reset(fresh)
+        opt.reset(fresh)
+        busy = np.flatnonzero(rows.doc >= 0)
+        if not busy.size:
+            return
+        start, targets = docs[np.maximum(rows.doc, 0), 0], docs[np.maximum(rows.doc, 0), 1]
+        end = start + (rows.chunk + 1) * C  # the chunk's grid end: its window ends there
+        first = np.maximum(start, end - L)
+        scored = np.where(rows.doc >= 0, np.minimum(C, targets - rows.chunk * C), 0)
         pos = first[:, None] + cols  # inputs pos[:, :-1], targets pos[:, 1:]
-        last_input = docs[:, 0] + docs[:, 1] - 1  # a window never reads past its document's last input
-        valid = (pos[:, :-1] <= last_input[:, None]) & (chunks > c)[:, None]
+        valid = (pos[:, :-1] < (start + targets)[:, None]) & (rows.doc >= 0)[:, None]
         ids = tokens[torch.from_numpy(np.minimum(pos, len(tokens) - 1))]
         x = torch.where(torch.from_numpy(valid).to(device), ids[:, :-1], 0)
+        at = torch.from_numpy((end - first)[:, None] - C + np.arange(C)).to(device)  # the chunk's columns
         with torch.enable_grad(), ctx.autocast():
-            h = model.hidden(x, adapters)[:, -C:]  # the chunk sits at the window's end
+            h = model.hidden(x, adapters).gather(1, at[..., None].expand(-1, -1, model.cfg.model_dim))
             logits = model.logits(h, adapters).float()  # [B, C, V]
-        y = ids[:, -C:]
+        y = ids[:, 1:].gather(1, at)
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(B, C)
-        _score(ctx, logits, nll, pos[:, -C:], rows, scored, C)
-        train = np.flatnonzero(chunks - 1 > c)  # the last chunk of a document teaches nothing it will use
-        if train.size:
-            mask = torch.zeros(B, device=device)
-            mask[torch.from_numpy(train).to(device)] = 1.0
-            opt.zero_grad(set_to_none=True)
+        _score(ctx, logits, nll, np.take_along_axis(pos[:, 1:], (end - first)[:, None] - C + np.arange(C), 1),
+               busy, scored, C)
+        train = (rows.doc >= 0) & (rows.chunk < rows.chunks[np.maximum(rows.doc, 0)] - 1)  # not a last chunk
+        if train.any():
+            mask = torch.from_numpy(train).to(device)
+            for p in adapters.parameters():
+                p.grad = None
             (nll.mean(dim=1) * mask).sum().backward()
-            opt.step()
+            opt.step(mask)
             if ctx.observer is not None:
-                used = np.concatenate([np.arange(first[b], first[b] + width + 1) for b in train])
-                ctx.observer.updated(used)
-        ctx.totals.sums[3] += B * width
+                ctx.observer.updated(np.concatenate([np.arange(first[b], end[b] + 1) for b in np.flatnonzero(train)]))
+        ctx.totals.sums[3] += B * L
+        rows.advance()
 
 
 @torch.no_grad()
 def score_openings(model, docs: np.ndarray, ctx: Context) -> None:
     """Score each document's BOS with the base model (no adapters), from up to TTT_EVAL_SEQ_LEN tokens of the
-    previous document. Done before the batch adapts anything, so no update ever reads an unscored BOS."""
-    rows = np.flatnonzero(docs[:, 2] >= 0)
-    if not rows.size:
-        return
-    L, tokens = ctx.s.ttt_eval_seq_len, ctx.tokens
-    first = np.maximum(docs[rows, 2], docs[rows, 0] - L)
-    width = docs[rows, 0] - first  # inputs first .. start-1, padded at the end to L
-    pos = first[:, None] + np.arange(L)
-    valid = torch.from_numpy(pos < docs[rows, 0][:, None]).to(tokens.device)
-    x = torch.where(valid, tokens[torch.from_numpy(np.minimum(pos, len(tokens) - 1))], 0)
-    with ctx.autocast():
-        h = model.hidden(x)
-    h = h[torch.arange(len(rows)), torch.from_numpy(width - 1)]
-    # the head always sees TTT_BATCH_SIZE rows: a GEMM's kernel (and its rounding) can change with the row
-    # count, and a document's score must not depend on how many others share its batch
-    h = torch.cat([h, h.new_zeros(max(0, ctx.s.ttt_batch_size - len(rows)), h.size(1))])
-    logits = model.logits(h).float()[:len(rows)]  # [n, V]
-    y = tokens[torch.from_numpy(docs[rows, 0])]
-    nll = F.cross_entropy(logits, y, reduction="none")
-    _score(ctx, logits[:, None], nll[:, None], docs[rows, 0][:, None], np.arange(len(rows)),
-           np.ones(len(rows), dtype=np.int64), 1)
-    ctx.totals.sums[3] += len(rows) * L
+    previous document, B documents per [B, L] forward. Done before any of them adapts, so no update ever
+    reads an unscored BOS."""
+    B, L, tokens = ctx.s.ttt_batch_size, ctx.s.ttt_eval_seq_len, ctx.tokens
+    docs = docs[docs[:, 2] >= 0]
+    for i in range(0, len(docs), B):
+        part = docs[i:i + B]
+        n = len(part)
+        first = np.full(B, -L)
+        first[:n] = np.maximum(part[:, 2], part[:, 0] - L)
+        stop = np.zeros(B, dtype=np.int64)
+        stop[:n] = part[:, 0]  # inputs first .. start-1, padded at the end to L; idle rows are all padding
+        pos = first[:, None] + np.arange(L)
+        valid = torch.from_numpy((pos >= 0) & (pos < stop[:, None])).to(tokens.device)
+        x = torch.where(valid, tokens[torch.from_numpy(np.clip(pos, 0, len(tokens) - 1))], 0)
+        with ctx.autocast():
+            h = model.hidden(x)
+        h = h[torch.arange(B), torch.from_numpy(np.maximum(stop - first - 1, 0))]
+        logits = model.logits(h).float()[:n]  # [n, V]
+        y = tokens[torch.from_numpy(part[:, 0])]
+        nll = F.cross_entropy(logits, y, reduction="none")
+        _score(ctx, logits[:, None], nll[:, None], part[:, :1], np.arange(n), np.ones(n, dtype=np.int64), 1)
+        ctx.totals.sums[3] += B * L
 
 
-def _score(ctx: Context, logits, nll, pos, rows, scored, C) -> None:
-    """Add the scored targets of one chunk step to the totals (and report them)."""
-    keep = np.concatenate([b * C + np.arange(scored[b]) for b in rows])  # flat [B*C] indices
-    tpos = pos.reshape(-1)[keep]  # target stream positions
+def _score(ctx: Context, logits, nll, tpos, rows, scored, C) -> None:
+    """Add the scored targets of one step to the totals (and report them): tpos [rows, C] are the stream
+    positions of the C columns; row b's first scored[b] of them count."""
+    keep = np.concatenate([b * C + np.arange(scored[b]) for b in rows]) if len(rows) else np.zeros(0, np.int64)
+    tpos = tpos.reshape(-1)[keep]
     idx = torch.from_numpy(keep).to(nll.device)
     loss = nll.detach().reshape(-1).index_select(0, idx)
     if ctx.sidecar is not None:
@@ -290,16 +317,13 @@ def evaluate_ttt(model, tokens: np.ndarray, tables, *, settings: TTTSettings, d,
     for p in base.parameters():
         p.requires_grad_(False)
     stream = torch.from_numpy(tokens.astype(np.int64)).to(device)
-    docs = find_documents(tokens)
+    docs = find_documents(tokens, model.cfg.bos_id)
     amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
     ctx = Context(s, stream, None if tables is None else tables.to(device), sidecar, amp, observer, Totals(device))
     parts = segments(len(docs), s.boundaries())
     phases = sum(update for *_, update in parts)
     for a, b, update in parts:
-        order = a + np.argsort(docs[a:b, 1], kind="stable")  # by length: fewer idle rows per batch
-        batches = [order[i:i + s.ttt_batch_size] for i in range(0, len(order), s.ttt_batch_size)]
-        for batch in batches[d.rank::d.world_size]:
-            run_batch(base, docs[batch], ctx)
+        adapt_documents(base, docs[a + d.rank:b:d.world_size], ctx)  # documents dealt to ranks in turn
         if update:
             d.barrier()  # every rank has scored its share of the documents before the boundary
             end = int(docs[b, 0])  # document b's BOS, the first token not yet scored
