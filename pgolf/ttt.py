@@ -171,8 +171,10 @@ class Rows:
 
 
 def adapt_documents(model, docs: np.ndarray, ctx: Context) -> None:
-    """Score and adapt `docs` (find_documents rows, in stream order), chunk by chunk, B rows at a time. Every
-    forward is [B, TTT_EVAL_SEQ_LEN]: a row's result never depends on the shape its neighbours give the batch."""
+    """Score and adapt `docs` (find_documents rows, in stream order), chunk by chunk, in B rows. Every forward
+    has B rows (idle ones too): a GEMM's rounding can change with its row count, and a document's scores must
+    not depend on how many others are in flight. Windows are padded at the end to the widest one (padding
+    after a causal window leaves its results bit-identical)."""
     s, tokens, device = ctx.s, ctx.tokens, ctx.tokens.device
     B, C, L = s.ttt_batch_size, s.ttt_chunk_size, s.ttt_eval_seq_len
     score_openings(model, docs, ctx)
@@ -180,7 +182,7 @@ def adapt_documents(model, docs: np.ndarray, ctx: Context) -> None:
                                 o_lora=s.ttt_o_lora, mlp_lora=s.ttt_mlp_lora)
     opt = RowOptimizer(adapters.parameters(), B, s.ttt_optimizer, s.ttt_lora_lr, s.ttt_beta1, s.ttt_beta2,
                        s.ttt_weight_decay)
-    rows, cols = Rows(docs, B, C), np.arange(L + 1)
+    rows = Rows(docs, B, C)
     while True:
         fresh = torch.from_numpy(rows.fill()).to(device)
         adapters.reset(fresh)
@@ -192,17 +194,19 @@ def adapt_documents(model, docs: np.ndarray, ctx: Context) -> None:
         end = start + (rows.chunk + 1) * C  # the chunk's grid end: its window ends there
         first = np.maximum(start, end - L)
         scored = np.where(rows.doc >= 0, np.minimum(C, targets - rows.chunk * C), 0)
-        pos = first[:, None] + cols  # inputs pos[:, :-1], targets pos[:, 1:]
+        width = int((end - first)[busy].max())  # rows with shorter windows are padded at the end
+        pos = first[:, None] + np.arange(width + 1)  # inputs pos[:, :-1], targets pos[:, 1:]
         valid = (pos[:, :-1] < (start + targets)[:, None]) & (rows.doc >= 0)[:, None]
         ids = tokens[torch.from_numpy(np.minimum(pos, len(tokens) - 1))]
         x = torch.where(torch.from_numpy(valid).to(device), ids[:, :-1], 0)
-        at = torch.from_numpy((end - first)[:, None] - C + np.arange(C)).to(device)  # the chunk's columns
+        span = np.where(rows.doc >= 0, end - first, width)  # idle rows: any in-range columns
+        at = torch.from_numpy(span[:, None] - C + np.arange(C)).to(device)  # the chunk's columns
         with torch.enable_grad(), ctx.autocast():
             h = model.hidden(x, adapters).gather(1, at[..., None].expand(-1, -1, model.cfg.model_dim))
             logits = model.logits(h, adapters).float()  # [B, C, V]
         y = ids[:, 1:].gather(1, at)
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(B, C)
-        _score(ctx, logits, nll, np.take_along_axis(pos[:, 1:], (end - first)[:, None] - C + np.arange(C), 1),
+        _score(ctx, logits, nll, np.take_along_axis(pos[:, 1:], span[:, None] - C + np.arange(C), 1),
                busy, scored, C)
         train = (rows.doc >= 0) & (rows.chunk < rows.chunks[np.maximum(rows.doc, 0)] - 1)  # not a last chunk
         if train.any():
@@ -213,26 +217,27 @@ def adapt_documents(model, docs: np.ndarray, ctx: Context) -> None:
             opt.step(mask)
             if ctx.observer is not None:
                 ctx.observer.updated(np.concatenate([np.arange(first[b], end[b] + 1) for b in np.flatnonzero(train)]))
-        ctx.totals.sums[3] += B * L
+        ctx.totals.sums[3] += B * width
         rows.advance()
 
 
 @torch.no_grad()
 def score_openings(model, docs: np.ndarray, ctx: Context) -> None:
     """Score each document's BOS with the base model (no adapters), from up to TTT_EVAL_SEQ_LEN tokens of the
-    previous document, B documents per [B, L] forward. Done before any of them adapts, so no update ever
+    previous document, B documents per forward. Done before any of them adapts, so no update ever
     reads an unscored BOS."""
     B, L, tokens = ctx.s.ttt_batch_size, ctx.s.ttt_eval_seq_len, ctx.tokens
     docs = docs[docs[:, 2] >= 0]
     for i in range(0, len(docs), B):
         part = docs[i:i + B]
         n = len(part)
-        first = np.full(B, -L)
+        first = np.zeros(B, dtype=np.int64)
         first[:n] = np.maximum(part[:, 2], part[:, 0] - L)
-        stop = np.zeros(B, dtype=np.int64)
-        stop[:n] = part[:, 0]  # inputs first .. start-1, padded at the end to L; idle rows are all padding
-        pos = first[:, None] + np.arange(L)
-        valid = torch.from_numpy((pos >= 0) & (pos < stop[:, None])).to(tokens.device)
+        stop = first + 1
+        stop[:n] = part[:, 0]  # inputs first .. start-1, padded at the end; idle rows are all padding
+        width = int((stop - first).max())
+        pos = first[:, None] + np.arange(width)
+        valid = torch.from_numpy((pos < stop[:, None]) & (np.arange(B) < n)[:, None]).to(tokens.device)
         x = torch.where(valid, tokens[torch.from_numpy(np.clip(pos, 0, len(tokens) - 1))], 0)
         with ctx.autocast():
             h = model.hidden(x)
@@ -241,7 +246,7 @@ def score_openings(model, docs: np.ndarray, ctx: Context) -> None:
         y = tokens[torch.from_numpy(part[:, 0])]
         nll = F.cross_entropy(logits, y, reduction="none")
         _score(ctx, logits[:, None], nll[:, None], part[:, :1], np.arange(n), np.ones(n, dtype=np.int64), 1)
-        ctx.totals.sums[3] += B * L
+        ctx.totals.sums[3] += B * width
 
 
 def _score(ctx: Context, logits, nll, tpos, rows, scored, C) -> None:

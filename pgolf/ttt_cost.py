@@ -1,9 +1,9 @@
 """What a TTT evaluation costs: FLOPs from the model's settings and the documents, a measured rate on
 random tokens (the EVAL_MAX_SECONDS check before a run), and the 8xH100 estimate `pgolf budget` prints.
 
-Counted like pgolf/flops.py: a chunk step forwards B rows of TTT_EVAL_SEQ_LEN tokens (idle rows and
-padding included) through the blocks, the head only at the chunks' C positions, and costs 3x that
-when a row trains; the documents' BOS scores are [B, L] no-grad forwards; a phase forwards and
+Counted like pgolf/flops.py: a chunk step forwards B rows as wide as its widest window (up to
+TTT_EVAL_SEQ_LEN; idle rows and padding included) through the blocks, the head only at the chunks' C
+positions, and costs 3x that when a row trains; the documents' BOS scores are no-grad forwards; a phase forwards and
 backwards every row of its prefix but the last chunk's. The adapters' own matmuls are left out (rank
 r << width).
 """
@@ -31,17 +31,21 @@ def window_flops(cfg: GPTConfig, width: int, head_rows: int) -> float:
 
 
 def rank_flops(cfg: GPTConfig, s: TTTSettings, docs: np.ndarray) -> float:
-    """adapt_documents over `docs`: its [B, L] BOS forwards and its [B, L] chunk steps (3x when any row trains)."""
+    """adapt_documents over `docs`: its BOS forwards and its chunk steps (3x when any row trains), B rows each,
+    as wide as the widest window in flight."""
     B, L, C = s.ttt_batch_size, s.ttt_eval_seq_len, s.ttt_chunk_size
-    total = -(-int((docs[:, 2] >= 0).sum()) // B) * B * window_flops(cfg, L, 1)
-    rows, passes = Rows(docs, B, C), 0
+    opened = docs[docs[:, 2] >= 0]
+    reach = np.minimum(L, opened[:, 0] - opened[:, 2])
+    total = sum(B * window_flops(cfg, int(reach[i:i + B].max()), 1) for i in range(0, len(opened), B))
+    rows = Rows(docs, B, C)
     while True:
         rows.fill()
         busy = rows.doc >= 0
         if not busy.any():
-            return total + passes * B * window_flops(cfg, L, C)
+            return total
         trains = (busy & (rows.chunk < rows.chunks[np.maximum(rows.doc, 0)] - 1)).any()
-        passes += 3 if trains else 1
+        width = int(np.minimum(L, (rows.chunk[busy] + 1) * C).max())
+        total += (3 if trains else 1) * B * window_flops(cfg, width, C)
         rows.advance()
 
 
@@ -66,14 +70,16 @@ def challenge_docs(num_docs: int = CHALLENGE_VAL_DOCS, num_tokens: int = CHALLEN
     return np.stack([starts, np.full(num_docs, each - 1), starts - each], axis=1)
 
 
-def h100_estimate(cfg: GPTConfig, s: TTTSettings, gpus: int = 8, utilization: float = ASSUMED_UTILIZATION) -> str:
-    """`pgolf budget`'s line: TTT seconds on `gpus` H100s for the challenge's validation split."""
-    chunk, phase = ttt_flops(cfg, s, challenge_docs())
+def ttt_budget_line(cfg, gpus: int = 8, utilization: float = ASSUMED_UTILIZATION) -> str:
+    """`pgolf budget`'s line: TTT seconds on `gpus` H100s for the challenge's validation split, from the
+    settings of a run (cfg: Hyperparameters)."""
+    s = cfg.part(TTTSettings)
+    chunk, phase = ttt_flops(cfg.part(GPTConfig), s, challenge_docs(), gpus)
     seconds = (chunk + phase) / (gpus * H100_BF16_FLOPS * utilization)
     return (f"ttt_estimate: {seconds:.0f}s on {gpus}xH100 at {utilization:.0%} of the bf16 peak "
             f"({(chunk + phase) / 1e15:.1f} PFLOP: chunks {chunk / 1e15:.1f}, phases {phase / 1e15:.1f}; "
             f"{CHALLENGE_VAL_DOCS:,} equal-length documents, {CHALLENGE_VAL_TOKENS:,} tokens; "
-            f"cap EVAL_MAX_SECONDS={s.eval_max_seconds:g}s)")
+            f"cap EVAL_MAX_SECONDS={s.eval_max_seconds:g}s; TTT_ENABLED={int(s.ttt_enabled)})")
 
 
 def measured_rate(model, s: TTTSettings, autocast_dtype, repeats: int = 2) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 import pytest
@@ -195,9 +196,10 @@ def test_flops_count_each_pass_and_each_phase_row():
     s = dataclasses.replace(SETTINGS, phased_ttt_prefix_docs=0)
     from pgolf.ttt_cost import window_flops
     chunk, phase = ttt_flops(cfg, s, docs)
-    # rows: [doc0 c0, doc1 c0] trains; [doc0 c1, doc2 c0] trains; doc2 c1, c2 train; doc2 c3 does not
-    passes = 3 + 3 + 3 + 3 + 1
-    expected = window_flops(cfg, 24, 1) * 2 + passes * 2 * window_flops(cfg, 24, 8)  # + one [2, 24] BOS pass
+    # passes of 2 rows, as wide as the widest window: [doc0 c0, doc1 c0] 8 wide, trains; [doc0 c1, doc2 c0] 16,
+    # trains (doc2); doc2 c1 16 and c2 24 train; doc2 c3 24 does not. One BOS pass, 17 wide (doc1 reads doc0).
+    f = partial(window_flops, cfg)
+    expected = 2 * (f(17, 1) + 3 * f(8, 8) + 3 * f(16, 8) + 3 * f(16, 8) + 3 * f(24, 8) + f(24, 8))
     assert (chunk, phase) == (pytest.approx(expected), 0.0)
     _, phase = ttt_flops(cfg, dataclasses.replace(s, phased_ttt_prefix_docs=2, phased_ttt_num_phases=1,
                                                   global_ttt_chunk_tokens=8), docs)
