@@ -217,3 +217,26 @@ def test_a_run_past_the_cap_is_refused_before_it_starts():
     with pytest.raises(ValueError, match=r"TTT is estimated at \d+s, past EVAL_MAX_SECONDS=1e-06"):
         check_cap(frontier_model(), s, stream([40, 29]), Dist(), None, lines.append)
     assert lines and lines[0].startswith("ttt_estimate: ")
+
+
+def test_pgolf_eval_ttt_logs_the_challenge_lines(tiny_data, tmp_path, capsys, monkeypatch):
+    from pgolf.cli import main
+    from tests.test_eval import parse_exact, write_tiny_artifact
+
+    data_dir, _ = tiny_data
+    art = write_tiny_artifact(tmp_path / "final_model.int8.ptz")
+    for k, v in dict(TTT_LORA_RANK=4, TTT_CHUNK_SIZE=16, TTT_EVAL_SEQ_LEN=32, TTT_BATCH_SIZE=2,
+                     PHASED_TTT_PREFIX_DOCS=2, PHASED_TTT_NUM_PHASES=2, GLOBAL_TTT_CHUNK_TOKENS=64).items():
+        monkeypatch.setenv(k, str(v))
+    argv = ["eval", str(art), "--data", str(data_dir), "--tokenizer", str(data_dir / "tokenizer.model"),
+            "--seq-len", "32", "--stride", "32", "--max-tokens", "700", "--ttt"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    sliding = parse_exact(out, "final_sliding_window")
+    loss, bpb = parse_exact(out, "final_ttt")
+    assert 0 < bpb and abs(bpb - sliding[1]) < 0.5  # a different evaluation of the same model, same bytes scale
+    lines = out.splitlines()
+    assert any(ln.startswith("ttt_estimate: ") and " cap:600s" in ln for ln in lines)
+    assert any(ln.startswith("ttt_phase:2/2 docs:2 ") for ln in lines)
+    assert any(ln.startswith("final_ttt val_loss:") and "lora_rank:4 chunk:16 ctx:32 " in ln for ln in lines)
+    assert any(ln.startswith("ttt_time:") and " targets:699 " in ln for ln in lines)
