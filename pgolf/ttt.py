@@ -171,10 +171,11 @@ class Rows:
 
 
 def adapt_documents(model, docs: np.ndarray, ctx: Context) -> None:
-    """Score and adapt `docs` (find_documents rows, in stream order), chunk by chunk, in B rows. Every forward
-    has B rows (idle ones too): a GEMM's rounding can change with its row count, and a document's scores must
-    not depend on how many others are in flight. Windows are padded at the end to the widest one (padding
-    after a causal window leaves its results bit-identical)."""
+    """Score and adapt `docs` (find_documents rows, in stream order), chunk by chunk, up to B documents at a
+    time; a forward runs only the rows that hold a document, its windows padded at the end to the widest.
+    A document's scores can differ in the last bits with the number of rows in flight (a GEMM's rounding
+    depends on its shape), which Adam's first, sign-like steps can amplify: `pgolf audit --mode ttt` states
+    its tolerance."""
     s, tokens, device = ctx.s, ctx.tokens, ctx.tokens.device
     B, C, L = s.ttt_batch_size, s.ttt_chunk_size, s.ttt_eval_seq_len
     score_openings(model, docs, ctx)
@@ -187,37 +188,39 @@ def adapt_documents(model, docs: np.ndarray, ctx: Context) -> None:
         fresh = torch.from_numpy(rows.fill()).to(device)
         adapters.reset(fresh)
         opt.reset(fresh)
-        busy = np.flatnonzero(rows.doc >= 0)
-        if not busy.size:
+        live = np.flatnonzero(rows.doc >= 0)  # only rows holding a document run
+        if not live.size:
             return
-        start, targets = docs[np.maximum(rows.doc, 0), 0], docs[np.maximum(rows.doc, 0), 1]
-        end = start + (rows.chunk + 1) * C  # the chunk's grid end: its window ends there
+        adapters.select(torch.from_numpy(live).to(device))
+        doc, chunk = rows.doc[live], rows.chunk[live]
+        start, targets = docs[doc, 0], docs[doc, 1]
+        end = start + (chunk + 1) * C  # the chunk's grid end: its window ends there
         first = np.maximum(start, end - L)
-        scored = np.where(rows.doc >= 0, np.minimum(C, targets - rows.chunk * C), 0)
-        width = int((end - first)[busy].max())  # rows with shorter windows are padded at the end
+        scored = np.minimum(C, targets - chunk * C)
+        width = int((end - first).max())  # shorter windows are padded at the end
         pos = first[:, None] + np.arange(width + 1)  # inputs pos[:, :-1], targets pos[:, 1:]
-        valid = (pos[:, :-1] < (start + targets)[:, None]) & (rows.doc >= 0)[:, None]
+        valid = pos[:, :-1] < (start + targets)[:, None]
         ids = tokens[torch.from_numpy(np.minimum(pos, len(tokens) - 1))]
         x = torch.where(torch.from_numpy(valid).to(device), ids[:, :-1], 0)
-        span = np.where(rows.doc >= 0, end - first, width)  # idle rows: any in-range columns
-        at = torch.from_numpy(span[:, None] - C + np.arange(C)).to(device)  # the chunk's columns
+        cols = (end - first)[:, None] - C + np.arange(C)  # the chunk sits at its window's end
+        at = torch.from_numpy(cols).to(device)
         with torch.enable_grad(), ctx.autocast():
             h = model.hidden(x, adapters).gather(1, at[..., None].expand(-1, -1, model.cfg.model_dim))
-            logits = model.logits(h, adapters).float()  # [B, C, V]
+            logits = model.logits(h, adapters).float()  # [n, C, V]
         y = ids[:, 1:].gather(1, at)
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(B, C)
-        _score(ctx, logits, nll, np.take_along_axis(pos[:, 1:], span[:, None] - C + np.arange(C), 1),
-               busy, scored, C)
-        train = (rows.doc >= 0) & (rows.chunk < rows.chunks[np.maximum(rows.doc, 0)] - 1)  # not a last chunk
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(len(live), C)
+        _score(ctx, logits, nll, np.take_along_axis(pos[:, 1:], cols, 1), np.arange(len(live)), scored, C)
+        train = chunk < rows.chunks[doc] - 1  # a document's last chunk teaches nothing it will use
         if train.any():
-            mask = torch.from_numpy(train).to(device)
             for p in adapters.parameters():
                 p.grad = None
-            (nll.mean(dim=1) * mask).sum().backward()
-            opt.step(mask)
+            (nll.mean(dim=1) * torch.from_numpy(train).to(device)).sum().backward()
+            step = np.zeros(B, dtype=bool)
+            step[live[train]] = True
+            opt.step(torch.from_numpy(step).to(device))
             if ctx.observer is not None:
-                ctx.observer.updated(np.concatenate([np.arange(first[b], end[b] + 1) for b in np.flatnonzero(train)]))
-        ctx.totals.sums[3] += B * width
+                ctx.observer.updated(np.concatenate([np.arange(first[i], end[i] + 1) for i in np.flatnonzero(train)]))
+        ctx.totals.sums[3] += len(live) * width
         rows.advance()
 
 

@@ -1,8 +1,8 @@
 """What a TTT evaluation costs: FLOPs from the model's settings and the documents, a measured rate on
 random tokens (the EVAL_MAX_SECONDS check before a run), and the 8xH100 estimate `pgolf budget` prints.
 
-Counted like pgolf/flops.py: a chunk step forwards B rows as wide as its widest window (up to
-TTT_EVAL_SEQ_LEN; idle rows and padding included) through the blocks, the head only at the chunks' C
+Counted like pgolf/flops.py: a chunk step forwards a row per document in flight, as wide as its widest
+window (up to TTT_EVAL_SEQ_LEN; padding included) through the blocks, the head only at the chunks' C
 positions, and costs 3x that when a row trains; the documents' BOS scores are no-grad forwards; a phase forwards and
 backwards every row of its prefix but the last chunk's. The adapters' own matmuls are left out (rank
 r << width).
@@ -31,8 +31,8 @@ def window_flops(cfg: GPTConfig, width: int, head_rows: int) -> float:
 
 
 def rank_flops(cfg: GPTConfig, s: TTTSettings, docs: np.ndarray) -> float:
-    """adapt_documents over `docs`: its BOS forwards and its chunk steps (3x when any row trains), B rows each,
-    as wide as the widest window in flight."""
+    """adapt_documents over `docs`: its BOS forwards and its chunk steps (3x when any row trains), one row per
+    document in flight, as wide as the widest window."""
     B, L, C = s.ttt_batch_size, s.ttt_eval_seq_len, s.ttt_chunk_size
     opened = docs[docs[:, 2] >= 0]
     reach = np.minimum(L, opened[:, 0] - opened[:, 2])
@@ -45,7 +45,7 @@ def rank_flops(cfg: GPTConfig, s: TTTSettings, docs: np.ndarray) -> float:
             return total
         trains = (busy & (rows.chunk < rows.chunks[np.maximum(rows.doc, 0)] - 1)).any()
         width = int(np.minimum(L, (rows.chunk[busy] + 1) * C).max())
-        total += (3 if trains else 1) * B * window_flops(cfg, width, C)
+        total += (3 if trains else 1) * int(busy.sum()) * window_flops(cfg, width, C)
         rows.advance()
 
 

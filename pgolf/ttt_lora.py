@@ -23,14 +23,16 @@ class BatchedLoRA(nn.Module):
         self.A = nn.Parameter(a0.expand(batch, *a0.shape).clone())  # [B, r, in]
         self.B = nn.Parameter(torch.zeros(batch, out_features, a0.size(0), device=a0.device))  # [B, out, r]
         self.scale = scale
+        self.rows: torch.Tensor | None = None  # the rows in this forward (None: all)
 
     def reset(self, rows: torch.Tensor) -> None:
         with torch.no_grad():
             self.A[rows] = self.A0
             self.B[rows] = 0.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, in] -> [B, T, out]
-        return (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype) * self.scale
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [n, T, in] -> [n, T, out], rows self.rows of A, B
+        a, b = (self.A, self.B) if self.rows is None else (self.A[self.rows], self.B[self.rows])
+        return (x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype) * self.scale
 
 
 def _zero(x: torch.Tensor) -> float:
@@ -71,6 +73,12 @@ class DocumentAdapters(nn.Module):
 
     def slot(self, k: int) -> SlotAdapters:
         return self.slots[k]
+
+    def select(self, rows: torch.Tensor | None) -> None:
+        """The rows the next forwards run (in this order); None: all B."""
+        for m in self.modules():
+            if isinstance(m, BatchedLoRA):
+                m.rows = rows
 
     def reset(self, rows: torch.Tensor) -> None:
         for m in self.modules():

@@ -22,10 +22,16 @@ from tests.test_eval import random_tables
 from tests.test_frontier import ALL_ON, TINY, randomized
 
 V = TINY["vocab_size"]
+# A forward runs one row per document in flight, so a document's scores can move in the last bits with how
+# many others are in flight. Adam's first steps are about lr * sign(gradient) and turn that into lr-sized
+# moves of near-zero entries, so the comparisons run SGD, where rounding stays rounding. What they guard
+# against moves scores by far more (a window placed back from the document's end, reused adapters).
+TOL = 1e-5
 # C=8 targets per chunk, windows of up to 24, 2 documents per batch, phases after documents 2 and 4
 SETTINGS = TTTSettings(ttt_lora_rank=4, ttt_chunk_size=8, ttt_eval_seq_len=24, ttt_batch_size=2, ttt_lora_lr=0.02,
                        phased_ttt_prefix_docs=4, phased_ttt_num_phases=2, global_ttt_lr=0.02,
                        global_ttt_chunk_tokens=64, global_ttt_batch_seqs=2, eval_max_seconds=0)
+SGD = dataclasses.replace(SETTINGS, ttt_optimizer="sgd", ttt_beta1=0.9, ttt_lora_lr=0.002)
 
 
 def frontier_model():
@@ -55,7 +61,7 @@ class Losses:
         pass
 
 
-def losses(model, tokens, settings=SETTINGS, tables=None):
+def losses(model, tokens, settings=SGD, tables=None):
     seen = Losses(len(tokens))
     r = evaluate_ttt(model, tokens, tables or random_tables(V), settings=settings, d=Dist(), observer=seen)
     return seen.nll, r
@@ -70,7 +76,7 @@ def test_documents_own_every_target_once():
 
 
 def test_a_chunk_scores_the_same_whether_or_not_later_chunks_exist():
-    """Cut the stream right after t: every loss up to t is bit-identical (later chunks, later documents and the
+    """Cut the stream right after t: every loss up to t is the same (later chunks, later documents and the
     position of the next BOS never reach back), while adaptation really changes the scores."""
     model = frontier_model()
     toks = stream([40, 29, 51, 33, 60, 45])  # phases after documents 2 (t=69) and 4 (t=153)
@@ -78,22 +84,22 @@ def test_a_chunk_scores_the_same_whether_or_not_later_chunks_exist():
     assert r.targets == len(toks) - 1 and not np.isnan(full[1:]).any()
     for t in (20, 44, 69, 75, 160, 199, 230):
         cut, _ = losses(model, toks[:t + 1])
-        assert np.array_equal(cut[1:t + 1], full[1:t + 1]), t
-    frozen, _ = losses(model, toks, dataclasses.replace(SETTINGS, ttt_lora_lr=0.0, global_ttt_lr=0.0))
+        assert np.abs(cut[1:t + 1] - full[1:t + 1]).max() <= TOL, t
+    frozen, _ = losses(model, toks, dataclasses.replace(SGD, ttt_lora_lr=0.0, global_ttt_lr=0.0))
     first_chunk = slice(1, 9)  # scored before any update: identical with or without learning
     assert np.array_equal(frozen[first_chunk], full[first_chunk])
     assert np.abs(frozen[100:] - full[100:]).max() > 1e-3
 
 
 def test_each_document_starts_from_fresh_adapters():
-    """A document's losses (all but its BOS, which the previous document predicts) are bit-identical whatever
+    """A document's losses (all but its BOS, which the previous document predicts) are the same whatever
     documents were batched before it or beside it."""
     model = frontier_model()
     for batch in (1, 2, 3):
-        s = dataclasses.replace(SETTINGS, ttt_batch_size=batch, phased_ttt_prefix_docs=0)
+        s = dataclasses.replace(SGD, ttt_batch_size=batch, phased_ttt_prefix_docs=0)
         a, _ = losses(model, stream([30, 41, 26], seed=1), s)
         b, _ = losses(model, np.concatenate([stream([19], seed=5), stream([30, 41, 26], seed=1)[30:]]), s)
-        assert np.array_equal(a[31:], b[20:]), batch  # documents 2 and 3, past the second BOS
+        assert np.abs(a[31:] - b[20:]).max() <= TOL, batch  # documents 2 and 3, past the second BOS
 
 
 def rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
@@ -116,9 +122,7 @@ def rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
 
 
 RANK_TOKENS = stream([40, 29, 51, 33, 60, 45, 22, 38], seed=2)
-# SGD: Adam's first steps are about lr * sign(gradient), which turns rounding-level differences in near-zero
-# gradient entries into lr-sized ones; SGD moves by the gradient, so rounding stays rounding
-RANK_SETTINGS = dataclasses.replace(SETTINGS, ttt_optimizer="sgd", ttt_beta1=0.9, ttt_lora_lr=0.002)
+RANK_SETTINGS = SGD
 
 
 @pytest.mark.slow
@@ -150,7 +154,7 @@ def val(tiny_data):
 
 
 # phases after documents 1 and 2; 16-target chunks and 3 rows keep the audit's 7 runs short
-AUDIT_SETTINGS = dataclasses.replace(SETTINGS, phased_ttt_prefix_docs=2, ttt_chunk_size=16, ttt_batch_size=3)
+AUDIT_SETTINGS = dataclasses.replace(SGD, phased_ttt_prefix_docs=2, ttt_chunk_size=16, ttt_batch_size=3)
 
 
 def audit_ttt(val, settings=AUDIT_SETTINGS, positions=3) -> dict:
@@ -159,7 +163,7 @@ def audit_ttt(val, settings=AUDIT_SETTINGS, positions=3) -> dict:
     model.set_looping(True)
     ev = Audited("ttt", tokens, lambda toks, obs: evaluate_ttt(model, toks, tables, settings=settings, d=Dist(),
                                                                observer=obs), 512, model)
-    checks, _ = audit(ev, expected_bytes(sp, tokens, None), positions=positions, samples=48)
+    checks, _ = audit(ev, expected_bytes(sp, tokens, None), positions=positions, samples=48, atol=TOL)
     return {c.name: c for c in checks}
 
 
@@ -167,7 +171,7 @@ def test_audit_passes_ttt(val):
     assert (val[1] == 1).sum() == 3  # documents enough for both phases
     checks = audit_ttt(val)
     assert all(c.ok for c in checks.values()), [c.line() for c in checks.values()]
-    assert "max_change after_t:0 from_t:0 repeat:0 tolerance:0 (bit-identical)" in checks["causality"].detail
+    assert f"repeat:0 tolerance:{TOL:g} nats" in checks["causality"].detail  # a rerun is bit-identical
     detail = checks["score_before_update"].detail
     assert detail.startswith("updates:") and " violations:0 weights:unchanged" in detail
     assert int(detail.split()[0].split(":")[1]) > 20  # chunk steps and the two phases
@@ -196,10 +200,11 @@ def test_flops_count_each_pass_and_each_phase_row():
     s = dataclasses.replace(SETTINGS, phased_ttt_prefix_docs=0)
     from pgolf.ttt_cost import window_flops
     chunk, phase = ttt_flops(cfg, s, docs)
-    # passes of 2 rows, as wide as the widest window: [doc0 c0, doc1 c0] 8 wide, trains; [doc0 c1, doc2 c0] 16,
-    # trains (doc2); doc2 c1 16 and c2 24 train; doc2 c3 24 does not. One BOS pass, 17 wide (doc1 reads doc0).
+    # a row per document in flight, as wide as the widest window: [doc0 c0, doc1 c0] 8 wide, trains; [doc0 c1,
+    # doc2 c0] 16, trains (doc2); doc2 c1 16 and c2 24 train; doc2 c3 24 does not. One BOS pass of the B=2
+    # rows, 17 wide (doc1 reads doc0).
     f = partial(window_flops, cfg)
-    expected = 2 * (f(17, 1) + 3 * f(8, 8) + 3 * f(16, 8) + 3 * f(16, 8) + 3 * f(24, 8) + f(24, 8))
+    expected = 2 * f(17, 1) + 3 * 2 * f(8, 8) + 3 * 2 * f(16, 8) + 3 * f(16, 8) + 3 * f(24, 8) + f(24, 8)
     assert (chunk, phase) == (pytest.approx(expected), 0.0)
     _, phase = ttt_flops(cfg, dataclasses.replace(s, phased_ttt_prefix_docs=2, phased_ttt_num_phases=1,
                                                   global_ttt_chunk_tokens=8), docs)
