@@ -245,3 +245,19 @@ def test_pgolf_eval_ttt_logs_the_challenge_lines(tiny_data, tmp_path, capsys, mo
     assert any(ln.startswith("ttt_phase:2/2 docs:2 ") for ln in lines)
     assert any(ln.startswith("final_ttt val_loss:") and "lora_rank:4 chunk:16 ctx:32 " in ln for ln in lines)
     assert any(ln.startswith("ttt_time:") and " targets:699 " in ln for ln in lines)
+
+
+def test_training_with_ttt_enabled_scores_it_after_the_round_trip(tiny_data, tmp_path):
+    import json
+
+    from tests.conftest import PYTHON, run_cmd, tiny_env
+
+    data_dir, _ = tiny_data
+    env = tiny_env(data_dir, tmp_path, RUN_ID="ttt", ITERATIONS=2, VAL_MAX_TOKENS=1025, TTT_ENABLED=1,
+                   TTT_LORA_RANK=4, TTT_CHUNK_SIZE=16, TTT_EVAL_SEQ_LEN=64, TTT_BATCH_SIZE=4,
+                   PHASED_TTT_PREFIX_DOCS=1, GLOBAL_TTT_CHUNK_TOKENS=128)
+    run_cmd([PYTHON, "-m", "pgolf.train"], env)
+    log = (tmp_path / "ttt" / "train.log").read_text()
+    assert "\nfinal_ttt_exact val_loss:" in log and "\nttt_time:" in log and "\nttt_estimate: " in log
+    final = [json.loads(ln) for ln in (tmp_path / "ttt" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["event"] == "final" and final["val_bpb"] == final["ttt_val_bpb"] != final["roundtrip_val_bpb"]
