@@ -329,7 +329,7 @@ def evaluate_ttt(model, tokens: np.ndarray, tables, *, settings: TTTSettings, d,
     amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
     ctx = Context(s, stream, None if tables is None else tables.to(device), sidecar, amp, observer, Totals(device))
     parts = segments(len(docs), s.boundaries())
-    phases = sum(update for *_, update in parts)
+    phases, done = sum(update for *_, update in parts), 0
     for a, b, update in parts:
         adapt_documents(base, docs[a + d.rank:b:d.world_size], ctx)  # documents dealt to ranks in turn
         if update:
@@ -338,8 +338,9 @@ def evaluate_ttt(model, tokens: np.ndarray, tables, *, settings: TTTSettings, d,
             steps = global_sgd(base, stream[:end], s, d, amp)
             if observer is not None:
                 observer.updated(np.arange(end))
+            done += 1
             if log is not None:
-                log(f"ttt_phase:{sum(u for *_, u in parts[:parts.index((a, b, update)) + 1])}/{phases} docs:{b} "
+                log(f"ttt_phase:{done}/{phases} docs:{b} "
                     f"prefix_tokens:{end} sgd_steps:{steps} t:{time.perf_counter() - t0:.1f}s")
     d.all_reduce(ctx.totals.sums)
     return ctx.totals.result(time.perf_counter() - t0)
