@@ -21,6 +21,7 @@ from pgolf.lqer import LQERSettings
 from pgolf.mixed import QuantSettings
 from pgolf.model import GPTConfig
 from pgolf.optim import AdamConfig, MuonConfig
+from pgolf.ttt import TTTSettings
 
 ENV_PREFIX = "PGOLF_"
 # Other spellings of a setting (the 1.0611 record's names for settings pgolf already had).
@@ -96,12 +97,12 @@ GROUPS: list[tuple[str, type]] = [
     ("data and run", DataSettings), ("training", TrainingSettings), ("model", GPTConfig),
     ("Muon", MuonConfig), ("Adam", AdamConfig), ("averaging", AveragingSettings), ("export", ExportSettings),
     ("quantization", QuantSettings), ("GPTQ", GPTQSettings), ("LQER", LQERSettings), ("compression", CoderSettings),
-    ("evaluation", EvalSettings), ("execution", ExecutionSettings),
+    ("evaluation", EvalSettings), ("test-time training", TTTSettings), ("execution", ExecutionSettings),
 ]
 
 
 @dataclass
-class Hyperparameters(ExecutionSettings, EvalSettings, CoderSettings, LQERSettings, GPTQSettings, QuantSettings,
+class Hyperparameters(ExecutionSettings, TTTSettings, EvalSettings, CoderSettings, LQERSettings, GPTQSettings, QuantSettings,
                       ExportSettings, AveragingSettings, AdamConfig, MuonConfig, GPTConfig, TrainingSettings, DataSettings):
     """Every setting of a run, flat (fields come from the groups above)."""
 
@@ -357,7 +358,7 @@ def validate(cfg: Hyperparameters) -> None:
         for group in (GPTConfig, MuonConfig):
             cfg.part(group).check()
         cfg.part(QuantSettings).validate(cfg.quant_format)
-        for group in (GPTQSettings, LQERSettings, CoderSettings):
+        for group in (GPTQSettings, LQERSettings, CoderSettings, TTTSettings):
             cfg.part(group).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None

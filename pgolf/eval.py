@@ -235,8 +235,9 @@ class Evaluator:
 
     def __init__(self, d, tokens: np.ndarray, tables: ByteTables, sidecar: np.ndarray | None,
                  autocast_dtype: torch.dtype | None, *, seq_len: int, batch_tokens: int, eval_seq_len: int,
-                 stride: int, batch_seqs: int, progress: bool = False):
+                 stride: int, batch_seqs: int, progress: bool = False, ttt_fn=None):
         self.d, self.tables, self.autocast_dtype = d, tables, autocast_dtype
+        self.ttt_fn = ttt_fn  # pgolf.ttt.evaluate_ttt with its settings bound (the entry point binds them)
         self.seq_len = seq_len
         usable = (len(tokens) - 1) // seq_len * seq_len + 1  # the challenge drops the partial block
         if usable < seq_len + 1:
@@ -269,6 +270,15 @@ class Evaluator:
         tokens = self.tokens if tokens is None else tokens
         return self._run(model, tokens, self.sidecar, self.eval_seq_len, self.stride, self.sliding_batch, hidden_fn,
                          observer)
+
+    def ttt(self, model, hidden_fn=None, *, tokens=None, observer=None, log=None) -> EvalResult:
+        """Score-first test-time training over the full stream (pgolf.ttt). hidden_fn is not used: TTT runs
+        the model's adapter-aware forward."""
+        if self.ttt_fn is None:
+            raise ValueError("this evaluation was set up without TTT settings")
+        tokens = self.tokens if tokens is None else tokens
+        return self.ttt_fn(model, tokens, self.tables, d=self.d, sidecar=self.sidecar,
+                           autocast_dtype=self.autocast_dtype, observer=observer, log=log)
 
 
 def log_eval(log, name: str, r: EvalResult, extra: str = "") -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pgolf.config import FIELD_TYPES, Hyperparameters, resolve_traced
 from pgolf.dist import resolve_execution, setup_dist, teardown_dist
 from pgolf.eval import CONTEXT_EXTENSIONS, Evaluator, beyond_context, load_sentencepiece, load_validation, log_eval
 from pgolf.model import GPT, rebuild_model
+from pgolf.ttt import TTTSettings, evaluate_ttt
 
 DEFAULT_STRIDE = 64
 
@@ -45,6 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 "standard and sliding-window val_loss / val_bpb.")
     add_settings_arguments(p)
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N validation tokens")
+    p.add_argument("--ttt", action="store_true", help="also score with test-time training (TTT_* settings, docs/eval.md)")
     return p.parse_args(argv)
 
 
@@ -136,7 +139,8 @@ def build_evaluator(cfg: Hyperparameters, origin: dict, d, log, autocast_dtype, 
     tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, cfg.val_max_tokens, log)
     return Evaluator(d, tokens, tables, sidecar, autocast_dtype, seq_len=cfg.train_seq_len,
                      batch_tokens=cfg.val_batch_size, eval_seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,
-                     batch_seqs=cfg.eval_batch_seqs, progress=progress)
+                     batch_seqs=cfg.eval_batch_seqs, progress=progress,
+                     ttt_fn=partial(evaluate_ttt, settings=cfg.part(TTTSettings)))
 
 
 def main(argv: list[str]) -> int:
@@ -165,6 +169,9 @@ def main(argv: list[str]) -> int:
             sw = evaluator.sliding(model, hidden_fn)
             log_eval(log, "final_sliding_window", sw, f"stride:{cfg.eval_stride} seq_len:{evaluator.eval_seq_len} ")
             log_stats(log, "final_sliding_window", sw)
+        if args.ttt:
+            from pgolf.ttt_cost import run_with_cap
+            run_with_cap(evaluator, model, cfg.part(TTTSettings), log)
         d.barrier()  # no rank tears down its communicator while another still uses it
     finally:
         teardown_dist(d)

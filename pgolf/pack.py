@@ -21,7 +21,7 @@ from pgolf.fileio import write_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKED_MODULES = ["fileio", "dist", "data", "quant", "gptq", "lqer", "mixed", "coder", "layers", "loss", "model",
-                  "eval", "optim", "schedule", "averaging", "config", "artifact", "console", "runlog", "train"]
+                  "eval", "ttt_lora", "ttt", "flops", "ttt_cost", "optim", "schedule", "averaging", "config", "artifact", "console", "runlog", "train"]
 
 
 class PackError(ValueError):

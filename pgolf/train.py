@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ from pgolf.model import GPT, GPTConfig, layer_order, mark_qat, rebuild_model, se
 from pgolf.optim import AdamConfig, MuonConfig, build_optimizers
 from pgolf.quant import int6_weight_names, max_level, split_patterns
 from pgolf.runlog import RunLog, load_checked_data, open_run
+from pgolf.ttt import TTTSettings, evaluate_ttt
+from pgolf.ttt_cost import run_with_cap
 from pgolf.schedule import lr_multiplier, muon_momentum, progress, swa_due
 
 
@@ -46,7 +49,8 @@ def build_evaluator(cfg: Hyperparameters, d: Dist, tokens, tables, sidecar, auto
     show = cfg.progress == "1" or (cfg.progress == "auto" and sys.stdout.isatty() and d.is_main)
     return Evaluator(d, tokens, tables, sidecar, autocast_dtype, seq_len=cfg.train_seq_len,
                      batch_tokens=cfg.val_batch_size, eval_seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,
-                     batch_seqs=cfg.eval_batch_seqs, progress=show)
+                     batch_seqs=cfg.eval_batch_seqs, progress=show,
+                     ttt_fn=partial(evaluate_ttt, settings=cfg.part(TTTSettings)))
 
 
 def model_settings(cfg: Hyperparameters) -> GPTConfig:
@@ -320,6 +324,10 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
         log_eval(log, "final_sliding_window", sw, f"stride:{cfg.eval_stride} seq_len:{evaluator.eval_seq_len} ")
         out.update(val_loss=sw.val_loss, val_bpb=sw.val_bpb, sliding_val_loss=sw.val_loss, sliding_val_bpb=sw.val_bpb,
                    eval_time_ms=1000 * sw.seconds, sliding_token_forwards=sw.token_forwards, sliding_targets=sw.targets)
+    if cfg.ttt_enabled:  # the record's final score: test-time training from the round-tripped weights
+        r = run_with_cap(evaluator, fresh, cfg.part(TTTSettings), log)
+        out.update(val_loss=r.val_loss, val_bpb=r.val_bpb, ttt_val_loss=r.val_loss, ttt_val_bpb=r.val_bpb,
+                   ttt_seconds=r.seconds)
     return out
 
 

@@ -341,10 +341,16 @@ def test_pgolf_audit_uses_the_sidecar(tiny_data, tmp_path, capsys):
     assert " sidecar_bytes:" in capsys.readouterr().out
 
 
-def test_pgolf_audit_ttt_is_not_available_yet(tiny_data, tmp_path, capsys):
+def test_pgolf_audit_passes_ttt(tiny_data, tmp_path, capsys, monkeypatch):
     from pgolf.cli import main
 
     data_dir, _ = tiny_data
     art = write_tiny_artifact(tmp_path / "final_model.int8.ptz")
-    assert main(audit_argv(art, data_dir, "--mode", "ttt")) == 2
-    assert "mode ttt is not available yet" in capsys.readouterr().err
+    small = dict(TTT_LORA_RANK=4, TTT_CHUNK_SIZE=16, TTT_EVAL_SEQ_LEN=32, TTT_BATCH_SIZE=2, TTT_LORA_LR=0.01,
+                 PHASED_TTT_PREFIX_DOCS=1, PHASED_TTT_NUM_PHASES=1, GLOBAL_TTT_CHUNK_TOKENS=64)
+    for k, v in small.items():
+        monkeypatch.setenv(k, str(v))
+    assert main(audit_argv(art, data_dir, "--mode", "ttt")) == 0
+    out = capsys.readouterr().out
+    assert "mode:ttt tokens:600 " in out and "audit:PASS checks:5/5 " in out
+    assert " violations:0 weights:unchanged" in out and "PASS causality " in out and "(bit-identical)" in out

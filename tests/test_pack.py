@@ -16,9 +16,10 @@ from pgolf.runs import load_run
 # The baseline's packed train_gpt.py was 71,968 bytes (readable) and 19,779 bytes (compressed stub)
 # when these ceilings were first set, about 9% above. Raised deliberately since: the frontier model
 # options, the checks before a run starts, failure and Ctrl-C records, one-line errors, the settings
-# help and the summary line. Raise them deliberately, not by accident.
-BASELINE_PACKED_CEILING = 165_000  # 157,009 when set (with the GPTQ, LQER and per-group coder modules)
-BASELINE_STUB_CEILING = 40_500  # 38,324 when set
+# help and the summary line; then test-time training (ttt, ttt_lora, ttt_cost, flops: a submission
+# that scores with TTT ships it). Raise them deliberately, not by accident.
+BASELINE_PACKED_CEILING = 195_000  # 186,263 when set (157,009 before the TTT modules)
+BASELINE_STUB_CEILING = 46_500  # 44,309 when set (38,324 before the TTT modules)
 
 
 def code_size_line(run_dir) -> tuple[int, str]:
