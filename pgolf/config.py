@@ -241,6 +241,14 @@ PRESET_HELP: dict[str, str] = {
 }
 
 
+def fill_run_defaults(values: dict) -> dict:
+    """Model fields whose 0 means "from the run" get the run's value (the artifact stores the filled one)."""
+    out = dict(values)
+    if not out.get("rope_train_seq_len") and out.get("train_seq_len"):
+        out["rope_train_seq_len"] = out["train_seq_len"]
+    return out
+
+
 class ConfigError(ValueError):
     pass
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pgolf.artifact import ROUNDTRIP_LOG_NAMES, load_artifact
-from pgolf.config import FIELD_TYPES, Hyperparameters, resolve_traced
+from pgolf.config import FIELD_TYPES, Hyperparameters, fill_run_defaults, resolve_traced
 from pgolf.dist import resolve_execution, setup_dist, teardown_dist
 from pgolf.eval import CONTEXT_EXTENSIONS, Evaluator, beyond_context, load_sentencepiece, load_validation, log_eval
 from pgolf.model import GPT, rebuild_model
@@ -63,8 +63,9 @@ def run_settings(args: argparse.Namespace, model_config: dict, env: dict | None 
     config_path = Path(args.config) if args.config else Path(args.artifact).with_name("config.json")
     saved: dict = {}
     if config_path.exists():
-        saved = {k: v for k, v in json.loads(config_path.read_text()).items() if k in FIELD_TYPES}
-        differ = {k: (saved[k], v) for k, v in model_config.items() if k in saved and saved[k] != v}
+        saved = fill_run_defaults({k: v for k, v in json.loads(config_path.read_text()).items() if k in FIELD_TYPES})
+        stored = fill_run_defaults({**model_config, "train_seq_len": saved.get("train_seq_len")})
+        differ = {k: (saved[k], stored[k]) for k in model_config if k in saved and saved[k] != stored[k]}
         if differ:
             detail = ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in sorted(differ.items()))
             raise ValueError(f"{config_path}: describes a different model than {args.artifact} (config vs artifact: "

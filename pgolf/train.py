@@ -23,7 +23,7 @@ from pgolf.gptq import GPTQSettings
 from pgolf.lqer import LQERSettings
 from pgolf.mixed import QuantSettings, matrix_group
 from pgolf.averaging import EMA, SWA
-from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve
+from pgolf.config import Hyperparameters, fill_run_defaults, parse_flags, preset_diff, resolve
 from pgolf.console import close_bars, progress_bar, run_command, settings_help, summary_line, wants_help
 from pgolf.data import DistributedTokenLoader, synthetic_entropy, train_pattern
 from pgolf.dist import Dist, resolve_execution, setup_dist, teardown_dist
@@ -56,7 +56,7 @@ def build_evaluator(cfg: Hyperparameters, d: Dist, tokens, tables, sidecar, auto
 def model_settings(cfg: Hyperparameters) -> GPTConfig:
     """The model's settings with run-dependent defaults filled in (they are stored in the artifact)."""
     model_cfg = cfg.part(GPTConfig)
-    model_cfg.rope_train_seq_len = model_cfg.rope_train_seq_len or cfg.train_seq_len
+    model_cfg.rope_train_seq_len = fill_run_defaults(vars(cfg))["rope_train_seq_len"]
     return model_cfg
 
 

@@ -79,6 +79,19 @@ def test_the_run_ends_with_its_summary_line(learned_run):
                        f"16,000,000 bytes (OK) | artifact {run_dir / 'final_model.int8.ptz'}")
 
 
+def test_pgolf_eval_rescores_a_run_from_its_own_folder(learned_run, capsys):
+    """`pgolf eval` reads the run's config.json beside the artifact (whose model fields were filled in at
+    training, e.g. ROPE_TRAIN_SEQ_LEN 0 -> TRAIN_SEQ_LEN) and gets the run's round trip again."""
+    from pgolf.cli import main as cli_main
+
+    final, run_dir, _ = learned_run
+    assert json.loads((run_dir / "config.json").read_text())["rope_train_seq_len"] == 0
+    assert cli_main(["eval", final["artifact"], "--stride", "0"]) == 0
+    out = capsys.readouterr().out
+    exact = re.search(r"^final_\w+_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", out, re.M)
+    assert exact and float(exact.group(2)) == pytest.approx(final["val_bpb"], abs=1e-6)
+
+
 def test_wallclock_cap_stops_early_after_a_time_placed_warmdown(tiny_data, tmp_path):
     """Under a cap the warmdown is placed by time: the LR must fall during the last WARMDOWN_ITERS steps
     and be near 0 on the last step, not be cut off at full LR when the cap stops the run."""
