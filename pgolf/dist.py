@@ -60,10 +60,3 @@ def teardown_dist(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def resolve_execution(compile_mode: str, autocast_mode: str, device: torch.device) -> tuple[bool, torch.dtype | None]:
-    """(compile?, autocast dtype or None) from COMPILE / AUTOCAST ('auto' = on for CUDA)."""
-    cuda = device.type == "cuda"
-    use_compile = compile_mode == "1" or (compile_mode == "auto" and cuda)
-    autocast = torch.bfloat16 if autocast_mode == "bf16" or (autocast_mode == "auto" and cuda) else None
-    return use_compile, autocast

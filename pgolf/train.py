@@ -25,9 +25,11 @@ from pgolf.averaging import EMA, SWA
 from pgolf.config import Hyperparameters, parse_flags, preset_diff, resolve
 from pgolf.console import close_bars, progress_bar, run_command, settings_help, summary_line, wants_help
 from pgolf.data import DistributedTokenLoader, synthetic_entropy, train_pattern
-from pgolf.dist import Dist, resolve_execution, setup_dist, teardown_dist
+from pgolf.dist import Dist, setup_dist, teardown_dist
 from pgolf.eval import Evaluator, log_eval
+from pgolf.execution import apply_execution, plan_execution
 from pgolf.fileio import write_atomic
+from pgolf.flops import train_flops_per_token
 from pgolf.model import GPT, GPTConfig, layer_order, mark_qat, rebuild_model, set_qat_gate
 from pgolf.optim import AdamConfig, MuonConfig, build_optimizers
 from pgolf.quant import int6_weight_names, max_level, split_patterns
@@ -149,7 +151,11 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
     # 1. checks and data (before the run folder exists), run folder, log, seeds
     log = RunLog() if log is None else log
     cfg.run_id = agree_run_id(cfg, d)
-    use_compile, autocast_dtype = resolve_execution(cfg.compile, cfg.autocast, d.device)
+    work = cfg.iterations * cfg.train_batch_tokens * train_flops_per_token(model_settings(cfg), cfg.train_seq_len,
+                                                                          cfg.enable_looping_at)
+    ex = plan_execution(cfg.compile, cfg.autocast, d.device, train_flops=work)
+    apply_execution(ex, d.device)
+    use_compile, autocast_dtype = ex.compile, ex.autocast
     grad_accum = 8 // d.world_size
     data = load_checked_data(cfg, d)
     evaluator = build_evaluator(cfg, d, data.val_tokens, data.tables, data.sidecar, autocast_dtype)
@@ -164,6 +170,7 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     log(f"world_size:{d.world_size} grad_accum_steps:{grad_accum} device:{d.device} compile:{use_compile} "
         f"autocast:{autocast_dtype}")
+    log(ex.line())
     log(f"attention_mode:gqa num_heads:{cfg.num_heads} num_kv_heads:{cfg.num_kv_heads} mlp_mult:{cfg.mlp_mult} "
         f"smear_gate:{cfg.smear_gate} qat:{cfg.qat} muon_variant:{cfg.muon_variant}")
     log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr} "
@@ -176,7 +183,7 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
         compiled, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False
     ) if d.enabled else compiled
     optimizers = build_optimizers(model, cfg.part(MuonConfig), cfg.part(AdamConfig), control_patterns=control,
-                                  rank=d.rank, world_size=d.world_size)
+                                  rank=d.rank, world_size=d.world_size, ns_dtype=ex.ns_dtype, compile_ns=use_compile)
     if use_compile and cfg.warmup_steps > 0:
         compile_warmup(model, train_model, optimizers, cfg, d, grad_accum, autocast_dtype, log)
         loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
@@ -254,7 +261,7 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
             f"ema:applied decay:{cfg.ema_decay} updates:{ema.updates}")
         pre_quant = evaluator.standard(model, hidden_fn)
         log_eval(log, "post_swa" if swa.count else "post_ema", pre_quant)
-    final = finalize(cfg, d, model, evaluator, run_dir, log, control, train_ms)
+    final = finalize(cfg, d, model, evaluator, run_dir, log, control, train_ms, use_compile)
     final.update(step_stop=step, train_time_ms=train_ms, pre_quant_val_loss=pre_quant.val_loss,
                  pre_quant_val_bpb=pre_quant.val_bpb, swa_checkpoints=swa.count,
                  model_params=sum(p.numel() for p in model.parameters()), run_dir=str(run_dir))
@@ -270,7 +277,7 @@ def calibration_batches(cfg: Hyperparameters, d: Dist):
 
 
 def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log: RunLog, control,
-             train_ms: float = 0.0) -> dict:
+             train_ms: float = 0.0, use_compile: bool = False) -> dict:
     """Write the artifact, read it back from disk into a fresh model, score it (standard + sliding)."""
     keep = split_patterns(cfg.fp16_passthrough_patterns)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -302,7 +309,7 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
     state_rt, model_cfg, _ = load_artifact(path)
     fresh = rebuild_model(state_rt, model_cfg, str(path)).to(d.device)
     name = ROUNDTRIP_LOG_NAMES[cfg.quant_format]
-    hidden_fn = torch.compile(fresh.hidden, dynamic=False) if resolve_execution(cfg.compile, cfg.autocast, d.device)[0] else None
+    hidden_fn = torch.compile(fresh.hidden, dynamic=False) if use_compile else None
     rt = evaluator.standard(fresh, hidden_fn)
     log_eval(log, name, rt)
     out = dict(val_loss=rt.val_loss, val_bpb=rt.val_bpb, roundtrip_val_loss=rt.val_loss, roundtrip_val_bpb=rt.val_bpb,
