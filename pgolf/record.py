@@ -13,6 +13,7 @@ runs whose logged code size belongs to another train_gpt.py than the one shipped
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import json
@@ -251,7 +252,8 @@ def record_command(argv: list[str]) -> int:
         parser.add_argument(flag, required=True)
     parser.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     parser.add_argument("--code", help="the train_gpt.py the runs were made with (default: pack from their config)")
-    parser.add_argument("--compress", action="store_true", help="without --code: ship the compressed stub")
+    parser.add_argument("--compress", action=argparse.BooleanOptionalAction, default=True,
+                        help="without --code: ship the compressed stub (default; --no-compress: the readable file)")
     args = parser.parse_args(argv)
     if Path(args.out).exists():
         raise RunError(f"{args.out}: output folder already exists; choose a new --out (nothing was written)")
