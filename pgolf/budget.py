@@ -240,6 +240,9 @@ def budget_command(argv: list[str]) -> int:
     status = "OK" if pred.total <= SIZE_LIMIT else f"OVER BUDGET by {pred.total - SIZE_LIMIT:,}"
     print(f"model {pred.model:,} + code {pred.code:,} ({code_what}) = total {pred.total:,} bytes; "
           f"headroom {SIZE_LIMIT - pred.total:,} of {SIZE_LIMIT:,} ({status})")
+    from pgolf.projection import projection_lines
+
+    print("\n".join(projection_lines(cfg)))
     if not args.no_search:
         found = search_limits(planner, cfg, pred)
         if found["mlp_hidden"]:

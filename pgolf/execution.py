@@ -25,18 +25,16 @@ import torch
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 COMPILE_MIN_CPU_FLOPS = 1e13  # training FLOPs of a run; see the module docstring and docs/core.md
+DTYPE_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags: torch's own probe when it has one, else /proc/cpuinfo."""
+    """The CPU's feature flags: torch's own probe when it has one, else the words of /proc/cpuinfo."""
     probe = getattr(torch.cpu, "get_capabilities", None)
-    if probe is not None:
+    if probe:
         return {name for name, value in probe().items() if value is True}
     info = Path("/proc/cpuinfo")
-    for line in info.read_text().splitlines() if info.is_file() else []:
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set(info.read_text().split()) if info.is_file() else set()
 
 
 def native_bf16(device: torch.device, flags: set[str] | None = None) -> str | None:
@@ -57,52 +55,37 @@ class Execution:
 
     def line(self) -> str:
         """`execution:compile=1 reason:... autocast=bf16 reason:avx512_bf16 ns_dtype=bf16 threads=2 reason:...`"""
-        names = {None: "off", torch.bfloat16: "bf16", torch.float32: "fp32"}
-        parts = [f"compile={int(self.compile)} reason:{self.why.get('compile', '')}",
-                 f"autocast={names[self.autocast]} reason:{self.why.get('autocast', '')}",
-                 f"ns_dtype={names[self.ns_dtype]}",
-                 f"threads={self.threads or torch.get_num_threads()} reason:{self.why.get('threads', '')}"]
-        return "execution:" + " ".join(parts)
+        return (f"execution:compile={int(self.compile)} reason:{self.why['compile']} autocast="
+                f"{DTYPE_NAMES[self.autocast]} reason:{self.why['autocast']} ns_dtype={DTYPE_NAMES[self.ns_dtype]} "
+                f"threads={self.threads or torch.get_num_threads()} reason:{self.why['threads']}")
 
 
-def _autocast(mode: str, device: torch.device, flags) -> tuple[torch.dtype | None, str]:
-    if mode != "auto":
-        return (torch.bfloat16, "AUTOCAST=bf16") if mode == "bf16" else (None, "AUTOCAST=off")
-    native = native_bf16(device, flags)
-    return (torch.bfloat16, native) if native else (None, "no_native_bf16")
-
-
-def _compile(mode: str, device: torch.device, train_flops: float) -> tuple[bool, str]:
-    if mode != "auto":
-        return mode == "1", f"COMPILE={mode}"
-    if device.type == "cuda":
-        return True, "cuda"
-    verdict = ">=" if train_flops >= COMPILE_MIN_CPU_FLOPS else "<"
-    return verdict == ">=", f"cpu_train_flops:{train_flops:.2e}{verdict}{COMPILE_MIN_CPU_FLOPS:.0e}"
-
-
-def cpu_threads(env: dict | None = None, load: float | None = None, usable: int | None = None) -> tuple[int, str]:
-    """(intra-op threads, why) for a CPU run."""
-    env = os.environ if env is None else env
+def cpu_threads(usable: int, load: float, env: dict) -> tuple[int, str]:
+    """(intra-op threads, why) for a CPU run: the usable CPUs less the busy ones, at least 1."""
     if env.get("OMP_NUM_THREADS"):
         return 0, "OMP_NUM_THREADS"
-    if usable is None:
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else (load or 0.0)
-    return max(1, min(usable, usable - int(load))), f"cpus:{usable}_load:{load:.1f}"
+    return max(1, usable - int(load)), f"cpus:{usable}_load:{load:.1f}"
 
 
 def plan_execution(compile_mode: str, autocast_mode: str, device: torch.device, *, train_flops: float = 0.0,
                    flags: set[str] | None = None, threads: tuple[int, str] | None = None) -> Execution:
     """The execution of a run on `device` from COMPILE / AUTOCAST ('auto', '1'/'0', 'bf16'/'off');
     train_flops is the run's training work (0 for evaluation only). `threads` overrides the CPU rule."""
-    autocast, autocast_why = _autocast(autocast_mode, device, flags)
-    use_compile, compile_why = _compile(compile_mode, device, train_flops)
+    native = native_bf16(device, flags) if autocast_mode == "auto" else None
+    autocast = torch.bfloat16 if autocast_mode == "bf16" or native else None
+    autocast_why = f"AUTOCAST={autocast_mode}" if autocast_mode != "auto" else native or "no_native_bf16"
+    if compile_mode != "auto" or device.type == "cuda":
+        use_compile = compile_mode == "1" or compile_mode == "auto"
+        compile_why = f"COMPILE={compile_mode}" if compile_mode != "auto" else "cuda"
+    else:
+        use_compile = train_flops >= COMPILE_MIN_CPU_FLOPS
+        compile_why = f"cpu_train_flops:{train_flops:.2e}{'>=' if use_compile else '<'}{COMPILE_MIN_CPU_FLOPS:.0e}"
     if device.type != "cpu":
         threads = (0, "default")
-    n_threads, threads_why = threads or cpu_threads()
-    return Execution(use_compile, autocast, autocast or torch.float32, n_threads,
-                     {"compile": compile_why, "autocast": autocast_why, "threads": threads_why})
+    elif threads is None:
+        threads = cpu_threads(len(os.sched_getaffinity(0)), os.getloadavg()[0], os.environ)
+    return Execution(use_compile, autocast, autocast or torch.float32, threads[0],
+                     {"compile": compile_why, "autocast": autocast_why, "threads": threads[1]})
 
 
 def apply_execution(ex: Execution, device: torch.device) -> None:

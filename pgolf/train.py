@@ -29,9 +29,10 @@ from pgolf.dist import Dist, setup_dist, teardown_dist
 from pgolf.eval import Evaluator, log_eval
 from pgolf.execution import apply_execution, plan_execution
 from pgolf.fileio import write_atomic
-from pgolf.flops import train_flops_per_token
+from pgolf.flops import forward_flops_per_token, train_flops_per_token
 from pgolf.model import GPT, GPTConfig, layer_order, mark_qat, rebuild_model, set_qat_gate
 from pgolf.optim import AdamConfig, MuonConfig, build_optimizers
+from pgolf.projection import mfu, peak_flops
 from pgolf.quant import int6_weight_names, max_level, split_patterns
 from pgolf.runlog import RunLog, load_checked_data, open_run
 from pgolf.schedule import lr_multiplier, muon_momentum, progress, swa_due
@@ -141,6 +142,12 @@ class Timer:
         return self.total_ms + (1000.0 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
 
 
+def mean_over_ranks(d: Dist, loss: torch.Tensor) -> float:
+    """The mean of a per-rank scalar over ranks; `loss` itself is left as it was (an in-place all-reduce
+    once made the progress bar show the sum over ranks)."""
+    return d.all_reduce(loss.detach().clone()).item() / d.world_size
+
+
 def agreed(d: Dist, flag: bool) -> bool:
     """True on every rank as soon as any rank says so, so that ranks switch on the same step."""
     return d.all_reduce(torch.tensor(float(flag), device=d.device), op="max").item() > 0
@@ -158,6 +165,7 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
     use_compile, autocast_dtype = ex.compile, ex.autocast
     grad_accum = 8 // d.world_size
     data = load_checked_data(cfg, d)
+    cfg.bos_id = data.bos_id  # the tokenizer's; the model's BOS-aware parts and the artifact use it
     evaluator = build_evaluator(cfg, d, data.val_tokens, data.tables, data.sidecar, autocast_dtype)
     loader = data.loader
     run_dir = open_run(cfg, d, log, data)
@@ -197,6 +205,7 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
         log(f"gptq:reserving {cfg.gptq_reserve_seconds:.1f}s of the wallclock, training until {max_ms:.0f}ms")
     timer, step, stop_after, qat_on = Timer(d.device), 0, None, cfg.qat and cfg.qat_start_frac == 0
     bar = progress_bar(cfg.iterations) if evaluator.progress else None
+    peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
     timer.start()
     while True:
         last = step == cfg.iterations or (stop_after is not None and step >= stop_after)
@@ -232,16 +241,19 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
             if swa.count == 1:
                 log(f"swa:start step:{step} lr_mul:{lr_mul:.4f}")
         ms = timer.elapsed_ms()
+        shown = None
         if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
-            d.all_reduce(loss)  # every rank logs on the same steps; average over ranks
-            train_loss = loss.item() / d.world_size
+            train_loss = shown = mean_over_ranks(d, loss)  # every rank logs on the same steps
+            tokens_per_s = step * cfg.train_batch_tokens / max(ms / 1000, 1e-9)
+            use = mfu(3 * forward_flops_per_token(model.cfg, cfg.train_seq_len, model.looping), tokens_per_s,
+                      d.world_size, peak) if peak else None
             log(f"step:{step}/{cfg.iterations} train_loss:{train_loss:.4f} train_time:{ms:.0f}ms "
-                f"step_avg:{ms / step:.2f}ms")
+                f"step_avg:{ms / step:.2f}ms" + (f" mfu:{100 * use:.1f}%" if use else ""))
             log.metric("train", step=step, train_loss=train_loss, train_time_ms=ms, lr_mul=lr_mul,
-                       tokens_per_s=step * cfg.train_batch_tokens / max(ms / 1000, 1e-9))
+                       tokens_per_s=tokens_per_s, mfu=use)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{step * cfg.train_batch_tokens / max(ms / 1e3, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{loss.item() if shown is None else shown:.3f}", tok_s=f"{step * cfg.train_batch_tokens / max(ms / 1e3, 1e-9):.0f}")
         if max_ms > 0 and stop_after is None:
             reached = torch.tensor(float(ms >= max_ms), device=d.device)
             if d.all_reduce(reached, op="max").item() > 0:
