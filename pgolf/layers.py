@@ -18,7 +18,8 @@ def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     like the reference's (it casts the model to bf16 and keeps only control tensors fp32), instead of
     being promoted to fp32 by the fp32 master embedding it starts from."""
     device = x.device.type
-    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # no autocast on "meta"
+    return x.to(torch.get_autocast_dtype(device)) if on else x
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
