@@ -133,7 +133,7 @@ def _packed_config(defaults: dict, left_out: list) -> str:
             "PRESET_HELP = {'packed': 'the configuration this file was packed with (its default)'}\n\n\n"
             "def settings_help(argv, env=None, width=0):\n"
             "    return ''.join(f'{k.upper()}={v!r}\\n' for k, v in PRESETS['packed'].items()) + "
-            "'(every other setting at its default; `pgolf train --help` describes them all)\\n'\n")
+            "'(the rest at their defaults)\\n'\n")
     if left_out:
         text += (f"\n\nPACKED_WITHOUT = {[(name, need) for name, need, _ in left_out]!r}\n\n\n"
                  "def validate_packed(cfg, _validate=validate):\n"
@@ -141,8 +141,8 @@ def _packed_config(defaults: dict, left_out: list) -> str:
                  "    for name, need in PACKED_WITHOUT:\n"
                  "        value = getattr(cfg, name)\n"
                  "        if bool(value) if need is True else value == need:\n"
-                 "            raise ConfigError(f'{name.upper()}={value} needs code this train_gpt.py was packed without; '\n"
-                 "                              f'pack one with it: pgolf pack --{name}={value} ...')\n\n\n"
+                 "            raise ConfigError(f'{name.upper()}={value} needs code this file was packed without; '\n"
+                 "                              f'pgolf pack --{name}={value} ... writes one with it')\n\n\n"
                  "validate = validate_packed\n")
     return text
 

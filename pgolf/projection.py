@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 # Dense bf16 peak per GPU in TFLOP/s (no sparsity), by a name fragment of torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "B200": 2250, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "4090": 165}
+PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "B200": 2250, "A100": 312}
 H100 = 989e12
 # The ms/step the records' train logs report on 8xH100 (step_avg at the end of training), by pgolf preset.
 RECORD_MS_PER_STEP = {"baseline": 43.5, "seed137": 98.9, "seed170": 61.8, "frontier": 121.7}

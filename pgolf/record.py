@@ -169,9 +169,9 @@ def log_names(runs: list[Run]) -> list[str]:
 
 
 def baked_defaults(files: dict[str, bytes]) -> dict | None:
-    """The defaults a pgolf-packed train_gpt.py carries (PRESETS['packed']); None for another file."""
+    """The defaults a pgolf-packed train_gpt.py carries (its one preset, 'packed'); None for another file."""
     source = files.get(READABLE_NAME) or files["train_gpt.py"]
-    match = re.search(rb"^PRESETS\['packed'\] = (\{.*\})$", source, re.M)
+    match = re.search(rb"^PRESETS = \{'packed': (\{.*\})\}$", source, re.M)
     try:
         return ast.literal_eval(match.group(1).decode()) if match else None
     except (ValueError, SyntaxError):
