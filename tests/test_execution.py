@@ -160,3 +160,18 @@ def test_compiled_bf16_run_with_warmup_qat_switch_and_compiled_eval(tiny_data, t
     assert "execution:compile=1 reason:COMPILE=1 autocast=bf16 reason:AUTOCAST=bf16 ns_dtype=bf16" in log
     assert compiled.series("train", "train_loss")[2] == pytest.approx(eager.series("train", "train_loss")[2], abs=0.03)
     assert compiled.final["val_bpb"] == pytest.approx(eager.final["val_bpb"], abs=0.02)
+
+
+def test_projection_is_calibrated_on_the_records():
+    import math
+
+    from pgolf.projection import calibrate, mfu, peak_flops, projected_ms, step_flops
+
+    utilization, rows = calibrate()
+    assert [r["preset"] for r in rows] == ["baseline", "seed137", "seed170", "frontier"]
+    assert [r["reported_ms"] for r in rows] == [43.5, 98.9, 61.8, 121.7]
+    assert math.prod(r["predicted_ms"] / r["reported_ms"] for r in rows) == pytest.approx(1.0)  # geometric mean
+    assert rows[2]["predicted_ms"] == pytest.approx(projected_ms(step_flops(resolve("seed170", env={})), utilization))
+    assert 0.15 < utilization < 0.3 and all(abs(r["error_pct"]) < 50 for r in rows)
+    assert mfu(1e8, 1e6, 8, 1e12) == pytest.approx(12.5)
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("Tesla T4") is None
