@@ -10,7 +10,7 @@ import torch
 from tests.conftest import tiny_env
 from pgolf.config import resolve
 from pgolf.dist import Dist, process_group_args
-from pgolf.execution import COMPILE_MIN_CPU_FLOPS, cpu_threads, plan_execution
+from pgolf.execution import COMPILE_MIN_CPU_FLOPS, Execution, apply_execution, cpu_threads, plan_execution
 from pgolf.model import GPT, GPTConfig
 from pgolf.optim import fused_adam
 from pgolf.runlog import checked_bos
@@ -47,6 +47,25 @@ def test_cuda_choices(monkeypatch):
     assert process_group_args(CUDA) == {"backend": "nccl", "device_id": CUDA}
     assert process_group_args(CPU) == {"backend": "gloo"}
     assert fused_adam(CUDA) and not fused_adam(CPU)
+
+
+def test_cuda_backend_switches(monkeypatch):
+    """TF32 for fp32 matmuls, flash attention first, cuDNN attention off (as the reference); the memory-efficient
+    kernel stays for document masks. Process-wide flags, so the test restores them."""
+    b = torch.backends
+    saved = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cuda.flash_sdp_enabled(), b.cuda.cudnn_sdp_enabled(),
+             b.cuda.mem_efficient_sdp_enabled())
+    try:
+        b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = False
+        b.cuda.enable_cudnn_sdp(True)
+        apply_execution(Execution(True, torch.bfloat16, torch.bfloat16, 0, {}), CPU)
+        assert not b.cuda.matmul.allow_tf32 and b.cuda.cudnn_sdp_enabled()  # nothing changes for a CPU run
+        apply_execution(Execution(True, torch.bfloat16, torch.bfloat16, 0, {}), CUDA)
+        assert b.cuda.matmul.allow_tf32 and b.cudnn.allow_tf32 and b.cuda.flash_sdp_enabled()
+        assert not b.cuda.cudnn_sdp_enabled() and b.cuda.mem_efficient_sdp_enabled()
+    finally:
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = saved[:2]
+        b.cuda.enable_flash_sdp(saved[2]), b.cuda.enable_cudnn_sdp(saved[3]), b.cuda.enable_mem_efficient_sdp(saved[4])
 
 
 def test_compile_auto_on_cpu_pays_only_for_long_runs():
