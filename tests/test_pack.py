@@ -233,3 +233,27 @@ def test_packed_file_runs_under_torchrun(packed_runs, tiny_data):
     assert run.series("train", "train_loss")[2] == pytest.approx(single, abs=1e-4)
     assert run.final["val_bpb"] == pytest.approx(runs["plain"].final["val_bpb"], abs=1e-4)
     assert code_size_line(run.path) == (len((root / "stub" / "train_gpt.py").read_bytes()), "train_gpt.py")
+
+
+@pytest.mark.parametrize("preset", ["baseline", "frontier"])
+def test_lean_file_names_nothing_it_does_not_define(preset):
+    """Every global a packed file reads at run time is defined in it, except the entry points of the parts it
+    was packed without (each behind a setting the file refuses) and the v1 reader it never runs."""
+    import builtins
+
+    from pgolf.shake import _uses
+
+    defaults = preset_diff(resolve(preset, env={}))
+    tree = ast.parse(pack.packed_source(defaults))
+    defined = set(dir(builtins))
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(n.name)
+        elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) or isinstance(n, ast.arg):
+            defined.add(getattr(n, "id", None) or n.arg)
+        elif isinstance(n, ast.alias):
+            defined.add((n.asname or n.name).split(".")[0])
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            defined.add(n.name)
+    left_out = set().union(pack.NEVER_RUN, *(entry for _, _, entry in pack._left_out(defaults)))
+    assert _uses(tree) - defined <= left_out, sorted(_uses(tree) - defined - left_out)
