@@ -184,7 +184,7 @@ def code_bytes(defaults: dict) -> tuple[int, str]:
     from pgolf.pack import compressed_stub, packed_source
 
     source = packed_source(defaults)
-    stub = len(compressed_stub(source).encode("utf-8"))
+    stub = len(compressed_stub(source))
     return len(source.encode("utf-8")), f"readable packed train_gpt.py; its lzma stub would be {stub} bytes"
 
 

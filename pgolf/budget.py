@@ -168,7 +168,7 @@ def code_size(cfg: Hyperparameters, compressed: bool) -> int:
     from pgolf.pack import compressed_stub, packed_source
 
     source = packed_source(preset_diff(cfg))
-    return len((compressed_stub(source) if compressed else source).encode("utf-8"))
+    return len(compressed_stub(source) if compressed else source.encode("utf-8"))
 
 
 def predict(planner: Planner, cfg: Hyperparameters, code: int, container_per_tensor: float | None = None) -> Prediction:
@@ -254,6 +254,9 @@ def budget_command(argv: list[str]) -> int:
           f"headroom {SIZE_LIMIT - pred.total:,} of {SIZE_LIMIT:,} ({status})")
     from pgolf.ttt_cost import ttt_budget_line
     print(ttt_budget_line(cfg))
+    from pgolf.projection import projection_lines
+
+    print("\n".join(projection_lines(cfg)))
     if not args.no_search:
         found = search_limits(planner, cfg, pred)
         if found["mlp_hidden"]:

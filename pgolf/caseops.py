@@ -2,7 +2,7 @@
 
 `encode(text)` lowercases every word and writes its capitalization as marker characters in front of
 it; `decode(encode(text)) == text` for every string. Markers are four private-use code points, which
-the tokenizer reserves as user-defined pieces (MARKERS):
+the tokenizer reserves as user-defined pieces (CASEOPS_MARKERS):
 
     TITLE   U+E010  the next word is Titlecase          "The"   -> TITLE "the"
     ALLCAPS U+E011  the next word is all capitals       "NASA"  -> ALLCAPS "nasa"
@@ -27,7 +27,7 @@ produce (a marker not followed by what it needs, a capital that is a paired lett
 inside a word) with CaseOpsError, so a corrupted token stream is caught rather than guessed at.
 
 The letter classes come from Python's Unicode database (`unicodedata.unidata_version`, recorded as
-`unicode` in a dataset's manifest next to NAME and VERSION).
+`unicode` in a dataset's manifest next to TRANSFORM_NAME and TRANSFORM_VERSION).
 
 Bytes. `original_byte_lengths(text')` (sparse form: `length_changes`) gives, per character of the
 transformed text, the UTF-8 bytes of the original text it stands for: markers (ESC included) stand for 0 bytes, a lowered letter for its
@@ -41,10 +41,10 @@ import sys
 import unicodedata
 from functools import lru_cache
 
-NAME = "caseops"
-VERSION = 2
+TRANSFORM_NAME = "caseops"
+TRANSFORM_VERSION = 2
 TITLE, ALLCAPS, CAPNEXT, ESC = "\ue010", "\ue011", "\ue012", "\ue013"
-MARKERS = (TITLE, ALLCAPS, CAPNEXT, ESC)
+CASEOPS_MARKERS = (TITLE, ALLCAPS, CAPNEXT, ESC)
 
 
 class CaseOpsError(ValueError):
@@ -53,7 +53,7 @@ class CaseOpsError(ValueError):
 
 def describe() -> dict:
     """What a dataset's manifest records about the transform."""
-    return {"name": NAME, "version": VERSION, "markers": [f"U+{ord(m):04X}" for m in MARKERS],
+    return {"name": TRANSFORM_NAME, "version": TRANSFORM_VERSION, "markers": [f"U+{ord(m):04X}" for m in CASEOPS_MARKERS],
             "unicode": unicodedata.unidata_version}
 
 
@@ -76,7 +76,7 @@ def _tables() -> tuple[dict[str, str], dict[str, str], re.Pattern, re.Pattern, r
 
     letters = char_class([*to_lower, *to_upper])
     lowers = char_class(to_upper)
-    word = re.compile(f"( ?)({letters}+)|[{''.join(MARKERS)}]")
+    word = re.compile(f"( ?)({letters}+)|[{''.join(CASEOPS_MARKERS)}]")
     capital = re.compile(char_class(to_lower))
     case = re.escape(TITLE + ALLCAPS + CAPNEXT)
     decoder = re.compile(f"{re.escape(ESC)}(.?)|([{case}])( ?)({lowers}*)", re.S)
@@ -125,7 +125,7 @@ def _decode_parts(text: str) -> tuple[list[str], list[tuple[int, int, str]]]:
         start, end = m.span()
         esc, marker, space, body = m.groups()
         if esc is not None:
-            if esc not in MARKERS:
+            if esc not in CASEOPS_MARKERS:
                 raise _fail(text, start, "ESC must be followed by a marker character")
             out = esc
         else:

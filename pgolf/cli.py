@@ -17,6 +17,7 @@ COMMANDS = {
     "significance": ("pgolf.stats:significance_command", "one-sided Welch t-test: better by >= N nats at p < 0.01?"),
     "record": ("pgolf.record:record_command", "build a records folder (README, submission.json, logs) from runs"),
     "report": ("pgolf.report:report_command", "markdown table + loss/val_bpb plots of run folders"),
+    "preflight": ("pgolf.preflight:preflight_command", "first run on a new GPU: 50 steps, checks, ms/step, MFU, memory"),
 }
 
 SYNTH_DIR = "./data/synth"

@@ -47,15 +47,19 @@ def read_shard_header(path: str | Path) -> int:
     return count
 
 
+def check_token_range(path, tokens: np.ndarray, vocab_size: int | None, offset: int = 0) -> None:
+    """Reject ids >= vocab_size in tokens (found at `offset` of the shard `path`)."""
+    if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+        bad = int(np.flatnonzero(tokens >= vocab_size)[0])
+        raise ShardError(f"{path}: token {int(tokens[bad])} at offset {offset + bad} is >= vocab size "
+                         f"{vocab_size}; the shard was made with another tokenizer (set VOCAB_SIZE/TOKENIZER_PATH)")
+
+
 def read_shard(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
     """Return the shard's tokens as uint16; with vocab_size, reject out-of-range ids."""
     count = read_shard_header(path)
     tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
-    if vocab_size is not None and count:
-        bad = np.flatnonzero(tokens >= vocab_size)
-        if bad.size:
-            raise ShardError(f"{path}: token {int(tokens[bad[0]])} at offset {int(bad[0])} is >= vocab size "
-                             f"{vocab_size}; the shard was made with another tokenizer (set VOCAB_SIZE/TOKENIZER_PATH)")
+    check_token_range(path, tokens, vocab_size)
     return tokens
 
 
@@ -82,18 +86,20 @@ def shard_files(pattern: str) -> list[str]:
 
 
 class TokenStream:
-    """Shards in sorted order, read sequentially, wrapping forever."""
+    """Shards in sorted order, read sequentially, wrapping forever. With vocab_size, the ids are checked
+    as they are taken (a few thousand per batch), not by scanning each whole shard when it is loaded:
+    that scan ran on every rank inside the timed loop."""
 
     def __init__(self, pattern: str, vocab_size: int | None = None):
         self.files = shard_files(pattern)
         self.vocab_size = vocab_size
         self.file_idx = 0
-        self.tokens = read_shard(self.files[0], vocab_size)
+        self.tokens = read_shard(self.files[0])
         self.pos = 0
 
     def _advance(self) -> None:
         self.file_idx = (self.file_idx + 1) % len(self.files)
-        self.tokens = read_shard(self.files[self.file_idx], self.vocab_size)
+        self.tokens = read_shard(self.files[self.file_idx])
         self.pos = 0
 
     def take(self, n: int) -> np.ndarray:
@@ -104,6 +110,7 @@ class TokenStream:
                 continue
             k = min(left, self.tokens.size - self.pos)
             chunks.append(self.tokens[self.pos:self.pos + k])
+            check_token_range(self.files[self.file_idx], chunks[-1], self.vocab_size, self.pos)
             self.pos += k
             left -= k
         return np.concatenate(chunks)

@@ -37,6 +37,11 @@ class Dist:
             dist.barrier()
 
 
+def process_group_args(device: torch.device) -> dict:
+    """NCCL bound to its GPU on CUDA, gloo on CPU."""
+    return {"backend": "nccl", "device_id": device} if device.type == "cuda" else {"backend": "gloo"}
+
+
 def setup_dist() -> Dist:
     """Read torchrun's env; initialise the process group when launched with more than one rank."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -50,9 +55,7 @@ def setup_dist() -> Dist:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        dist.init_process_group(**process_group_args(device))
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -60,10 +63,3 @@ def teardown_dist(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def resolve_execution(compile_mode: str, autocast_mode: str, device: torch.device) -> tuple[bool, torch.dtype | None]:
-    """(compile?, autocast dtype or None) from COMPILE / AUTOCAST ('auto' = on for CUDA)."""
-    cuda = device.type == "cuda"
-    use_compile = compile_mode == "1" or (compile_mode == "auto" and cuda)
-    autocast = torch.bfloat16 if autocast_mode == "bf16" or (autocast_mode == "auto" and cuda) else None
-    return use_compile, autocast

@@ -20,7 +20,8 @@ import torch
 
 from pgolf.artifact import ROUNDTRIP_LOG_NAMES, load_artifact
 from pgolf.config import FIELD_TYPES, Hyperparameters, fill_run_defaults, resolve_traced
-from pgolf.dist import resolve_execution, setup_dist, teardown_dist
+from pgolf.dist import setup_dist, teardown_dist
+from pgolf.execution import apply_execution, plan_execution
 from pgolf.eval import CONTEXT_EXTENSIONS, Evaluator, beyond_context, load_sentencepiece, load_validation, log_eval
 from pgolf.model import GPT, rebuild_model
 from pgolf.ttt import TTTSettings, evaluate_ttt
@@ -150,8 +151,9 @@ def main(argv: list[str]) -> int:
     d = setup_dist()
     try:
         log = ConsoleLog(d.is_main)
-        use_compile, autocast_dtype = resolve_execution(cfg.compile, cfg.autocast, d.device)
-        use_compile = use_compile and d.device.type == "cuda"  # on CPU compiling costs more than it saves
+        ex = plan_execution(cfg.compile, cfg.autocast, d.device)  # CPU: no training steps to pay a compile
+        apply_execution(ex, d.device)
+        use_compile, autocast_dtype = ex.compile, ex.autocast
         log(f"eval_artifact:{args.artifact} format:{fmt} bytes:{Path(args.artifact).stat().st_size} "
             f"model:{json.dumps(model_config, sort_keys=True)}")
         evaluator = build_evaluator(cfg, origin, d, log, autocast_dtype, progress=d.is_main and sys.stderr.isatty())
@@ -162,6 +164,7 @@ def main(argv: list[str]) -> int:
         model = model.to(d.device)
         hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else None
         log(f"world_size:{d.world_size} device:{d.device} compile:{use_compile} autocast:{autocast_dtype}")
+        log(ex.line())
         name = ROUNDTRIP_LOG_NAMES[fmt]
         std = evaluator.standard(model, hidden_fn)
         log_eval(log, name, std)

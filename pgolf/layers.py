@@ -13,6 +13,15 @@ import torch.nn.functional as F
 from pgolf.quant import fake_quantize
 
 
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast is on, else unchanged: the residual stream then runs in bf16
+    like the reference's (it casts the model to bf16 and keeps only control tensors fp32), instead of
+    being promoted to fp32 by the fp32 master embedding it starts from."""
+    device = x.device.type
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # no autocast on "meta"
+    return x.to(torch.get_autocast_dtype(device)) if on else x
+
+
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pgolf.layers import (CastedLinear, LeakyReLUSquared, Rotary, SmearGate, SmearGateAdd, SparseAttnGate,
                           apply_rotary, causal_attention, document_attention, document_segments,
-                          exclude_own_value, keep, no_gate, no_mixer, rms_norm)
+                          exclude_own_value, keep, no_gate, no_mixer, rms_norm, to_autocast_dtype)
 from pgolf.loss import chunked_softcap_ce, plain_softcap_ce, softcap_logits
 
 
@@ -259,7 +259,7 @@ class GPT(nn.Module):
         slot k (its position in the layer order, so a repeated layer gets one per pass) an adapter
         through adapters.slot(k), with q/k/v/o/mlp deltas."""
         segments = document_segments(input_ids, self.cfg.bos_id) if self.cfg.doc_mask else None
-        x = x0 = rms_norm(self.smear(self.tok_emb(input_ids), input_ids))
+        x = x0 = rms_norm(self.smear(to_autocast_dtype(self.tok_emb(input_ids)), input_ids))
         order = layer_order(self.cfg, self.looping)
         encoder, decoder = order[:len(order) // 2], order[len(order) // 2:]
         slot = (lambda k: None) if adapters is None else adapters.slot

@@ -107,12 +107,13 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, *, weight_decay: float = 0.0,
                  variant: str = "muon", beta2: float = 0.95, rescale: str = "frobenius", ns: str = "quintic",
                  row_normalize: bool = False, rank: int = 0, world_size: int = 1,
-                 ns_dtype: torch.dtype = torch.bfloat16):
+                 ns_dtype: torch.dtype = torch.bfloat16, orthogonalize=zeropower_newton_schulz):
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.variant, self.beta2, self.rescale = variant, beta2, rescale
         self.ns, self.row_normalize = ns, row_normalize
         self.rank, self.world_size, self.ns_dtype = rank, world_size, ns_dtype
+        self.orthogonalize = orthogonalize  # zeropower_newton_schulz, or its compiled form
 
     def _update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         state = self.state[p]
@@ -124,7 +125,7 @@ class Muon(torch.optim.Optimizer):
         g = g.add(buf, alpha=group["momentum"])  # Nesterov
         if self.row_normalize:
             g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype)
-        u = zeropower_newton_schulz(g, ns_coefficients(self.ns, group["backend_steps"]), self.ns_dtype)
+        u = self.orthogonalize(g, ns_coefficients(self.ns, group["backend_steps"]), self.ns_dtype)
         if self.variant == "normuon":
             if "row_sq" not in state:
                 state["row_sq"] = torch.zeros(p.size(0), device=p.device, dtype=torch.float32)
@@ -174,9 +175,16 @@ def split_params(model, control_patterns: list[str]) -> dict[str, list]:
     return groups
 
 
+def fused_adam(device: torch.device) -> bool:
+    """Fused AdamW on CUDA (one kernel for all parameters, 0-dim ones included); the foreach form elsewhere."""
+    return device.type == "cuda"
+
+
 def build_optimizers(model, muon: MuonConfig, adam: AdamConfig, *, control_patterns: list[str],
-                     rank: int = 0, world_size: int = 1) -> list:
-    """[AdamW, Muon]; every group remembers its base lr in 'base_lr' for the schedule."""
+                     rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype | None = None,
+                     compile_ns: bool = False) -> list:
+    """[AdamW, Muon]; every group remembers its base lr in 'base_lr' for the schedule. Newton-Schulz runs
+    in ns_dtype (None: bf16 on CUDA, fp32 elsewhere), compiled when compile_ns (as the reference)."""
     groups = split_params(model, control_patterns)
     tied = model.lm_head is None
     settings = {"embed": (adam.tied_embed_lr if tied else adam.embed_lr, adam.embed_wd),
@@ -186,12 +194,15 @@ def build_optimizers(model, muon: MuonConfig, adam: AdamConfig, *, control_patte
                    for k, (lr, wd) in settings.items() if groups[k]]
     device = next(model.parameters()).device
     opt_adam = torch.optim.AdamW(adam_groups, betas=(adam.beta1, adam.beta2), eps=adam.adam_eps,
-                                 fused=device.type == "cuda")
+                                 fused=fused_adam(device))
+    if ns_dtype is None:
+        ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    orthogonalize = torch.compile(zeropower_newton_schulz) if compile_ns else zeropower_newton_schulz
     opt_muon = Muon(groups["matrix"], lr=muon.matrix_lr, momentum=muon.muon_momentum,
                     backend_steps=muon.muon_backend_steps, weight_decay=muon.muon_weight_decay,
                     variant=muon.muon_variant, beta2=muon.normuon_beta2, rescale=muon.normuon_rescale,
                     ns=muon.muon_ns, row_normalize=muon.muon_row_normalize, rank=rank, world_size=world_size,
-                    ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+                    ns_dtype=ns_dtype, orthogonalize=orthogonalize)
     for g in opt_muon.param_groups:
         g["base_lr"] = muon.matrix_lr
     return [opt_adam, opt_muon]

@@ -228,7 +228,7 @@ def _setup_tokenizer(staging: Path, docs: Path, tokenizer: str | None, vocab_siz
                              "tokenizer on; lower --num-val-docs or pass --tokenizer MODEL")
         log(f"training a {vocab_size}-token BPE tokenizer on {len(texts):,} train documents")
         try:
-            train_sentencepiece(texts, vocab_size, target, reserved=caseops.MARKERS if transform else ())
+            train_sentencepiece(texts, vocab_size, target, reserved=caseops.CASEOPS_MARKERS if transform else ())
         except RuntimeError as e:  # SentencePiece's own complaints, e.g. a vocab smaller than the characters
             raise ValueError(f"--vocab-size {vocab_size}: SentencePiece cannot train on {docs} "
                              f"({str(e).strip().splitlines()[-1]}); choose another --vocab-size") from None
@@ -238,8 +238,8 @@ def _setup_tokenizer(staging: Path, docs: Path, tokenizer: str | None, vocab_siz
         raise ValueError(f"{tokenizer or target}: bos_id {sp.bos_id()}, vocab size {sp.vocab_size()}; shards need "
                          f"BOS id {BOS_TOKEN} and at most 65536 ids (train with the challenge settings)")
     markers = tokenizer_markers(sp)
-    if bool(transform) != bool(markers) or (transform and len(markers) != len(caseops.MARKERS)):
-        raise ValueError(f"{tokenizer or target}: has {len(markers)} of the {len(caseops.MARKERS)} CaseOps marker "
+    if bool(transform) != bool(markers) or (transform and len(markers) != len(caseops.CASEOPS_MARKERS)):
+        raise ValueError(f"{tokenizer or target}: has {len(markers)} of the {len(caseops.CASEOPS_MARKERS)} CaseOps marker "
                          f"pieces, but the dataset is {'CaseOps' if transform else 'untransformed'}; "
                          + ("pass a tokenizer trained with --caseops" if transform else "add --caseops"))
     return {"model_path": TOKENIZER_NAME, "sha256": sha256_file(target), "vocab_size": sp.vocab_size(),

@@ -13,6 +13,7 @@ runs whose logged code size belongs to another train_gpt.py than the one shipped
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import json
@@ -66,7 +67,7 @@ def shipped_code(runs: list[Run], code: str | None, compress: bool) -> dict[str,
     cfg = Hyperparameters(**{**config, **{k: getattr(base, k) for k in MACHINE_SETTINGS}})
     source = packed_source(preset_diff(cfg))
     if compress:
-        return {"train_gpt.py": compressed_stub(source).encode(), READABLE_NAME: source.encode()}
+        return {"train_gpt.py": compressed_stub(source), READABLE_NAME: source.encode()}
     return {"train_gpt.py": source.encode()}
 
 
@@ -168,9 +169,9 @@ def log_names(runs: list[Run]) -> list[str]:
 
 
 def baked_defaults(files: dict[str, bytes]) -> dict | None:
-    """The defaults a pgolf-packed train_gpt.py carries (PRESETS['packed']); None for another file."""
+    """The defaults a pgolf-packed train_gpt.py carries (its one preset, 'packed'); None for another file."""
     source = files.get(READABLE_NAME) or files["train_gpt.py"]
-    match = re.search(rb"^PRESETS\['packed'\] = (\{.*\})$", source, re.M)
+    match = re.search(rb"^PRESETS = \{'packed': (\{.*\})\}$", source, re.M)
     try:
         return ast.literal_eval(match.group(1).decode()) if match else None
     except (ValueError, SyntaxError):
@@ -251,7 +252,8 @@ def record_command(argv: list[str]) -> int:
         parser.add_argument(flag, required=True)
     parser.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     parser.add_argument("--code", help="the train_gpt.py the runs were made with (default: pack from their config)")
-    parser.add_argument("--compress", action="store_true", help="without --code: ship the compressed stub")
+    parser.add_argument("--compress", action=argparse.BooleanOptionalAction, default=True,
+                        help="without --code: ship the compressed stub (default; --no-compress: the readable file)")
     args = parser.parse_args(argv)
     if Path(args.out).exists():
         raise RunError(f"{args.out}: output folder already exists; choose a new --out (nothing was written)")

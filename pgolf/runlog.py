@@ -4,6 +4,7 @@ says so (a "failed" or "interrupted" record, last)."""
 from __future__ import annotations
 
 import json
+import lzma
 import platform
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from pgolf.console import echo, error_message
 from pgolf.data import (DistributedTokenLoader, read_shard_header, shard_files, synthetic_entropy, train_pattern,
                         val_pattern)
 from pgolf.dist import Dist
-from pgolf.eval import CONTEXT_EXTENSIONS, ByteTables, beyond_context, load_validation
+from pgolf.eval import CONTEXT_EXTENSIONS, ByteTables, beyond_context, load_sentencepiece, load_validation
+from pgolf.model import GPTConfig
 from pgolf.fileio import check_writable
 
 
@@ -92,6 +94,20 @@ class RunData:
     loader: DistributedTokenLoader
     entropy_floor: float | None  # bits per byte of a synthetic corpus (its synth.json); None for real data
     lines: list[str]  # for the run's log, once it is open
+    bos_id: int  # the tokenizer's BOS id (documents start with it)
+
+
+def checked_bos(cfg: Hyperparameters, val_tokens: np.ndarray, train_first: int | None) -> int:
+    """The tokenizer's BOS id, after checking that the shards start documents with it and that an explicit
+    BOS_ID agrees (BOS_ID left at its default follows the tokenizer)."""
+    bos = load_sentencepiece(cfg.tokenizer_path).bos_id()  # -1 (none) fails the shard check below
+    for split, first in (("val", int(val_tokens[0]) if len(val_tokens) else None), ("train", train_first)):
+        if first is not None and first != bos:
+            raise ValueError(f"{cfg.data_path}: the {split} shards start with token {first}, not the BOS id {bos} of "
+                             f"{cfg.tokenizer_path}; they were made with another tokenizer (check TOKENIZER_PATH)")
+    if cfg.bos_id not in (bos, GPTConfig.bos_id):
+        raise ValueError(f"BOS_ID={cfg.bos_id} but {cfg.tokenizer_path} has BOS id {bos}; unset BOS_ID to use the tokenizer's")
+    return bos
 
 
 def load_checked_data(cfg: Hyperparameters, d: Dist) -> RunData:
@@ -105,14 +121,24 @@ def load_checked_data(cfg: Hyperparameters, d: Dist) -> RunData:
     val_tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size,
                                                   cfg.val_max_tokens, lines.append)
     loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
-    lines.append(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(loader.stream.files)}")
+    bos = checked_bos(cfg, val_tokens, int(loader.stream.tokens[0]) if loader.stream.tokens.size else None)
+    lines.append(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(loader.stream.files)} bos_id:{bos}")
     floor = synthetic_entropy(cfg.data_path)
     if floor is not None:
         lines.append(f"data:synthetic path:{cfg.data_path} entropy_bits_per_byte:{floor:.4f} (the val_bpb floor)")
     extended = any(getattr(cfg, name, False) for name in CONTEXT_EXTENSIONS)
     warning = beyond_context(cfg.train_seq_len, (cfg.eval_seq_len or cfg.train_seq_len) if cfg.eval_stride else 0,
                              extended)
-    return RunData(val_tokens, tables, sidecar, loader, floor, lines + ([warning] if warning else []))
+    return RunData(val_tokens, tables, sidecar, loader, floor, lines + ([warning] if warning else []), bos)
+
+
+def running_source() -> str:
+    """The code that runs: the file itself, or what a compressed stub (pgolf.pack) decompressed and ran."""
+    main = sys.modules["__main__"]
+    packed = getattr(main, "_packed", None)
+    if isinstance(packed, str):
+        return lzma.decompress(packed.encode("latin-1")).decode("utf-8")
+    return Path(main.__file__).read_text(encoding="utf-8")
 
 
 def open_run(cfg: Hyperparameters, d: Dist, log: RunLog, data: RunData) -> Path:
@@ -127,7 +153,7 @@ def open_run(cfg: Hyperparameters, d: Dist, log: RunLog, data: RunData) -> Path:
     for line in environment_lines():
         log(line, console=False)
     if PACKED_SINGLE_FILE:  # like the reference script, keep the exact code that ran with its log
-        log(Path(sys.modules["__main__"].__file__).read_text(), console=False)
+        log(running_source(), console=False)
     log.metric("config", **to_dict(cfg))
     for line in data.lines:
         log(line)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pgolf import caseops
+from pgolf.caseops import CASEOPS_MARKERS, TRANSFORM_NAME, TRANSFORM_VERSION
 from pgolf.spm import BOS_TOKEN
 
 NORMALIZATION = "nmt_nfkc"
@@ -80,8 +81,8 @@ class DocEncoder:
     """One document -> ([BOS] + ids, per-token original byte counts), under the dataset's transform."""
 
     def __init__(self, sp, tables, transform: str | None):
-        if transform not in (None, caseops.NAME):
-            raise ValueError(f"unknown text transform {transform!r}; known: {caseops.NAME}")
+        if transform not in (None, TRANSFORM_NAME):
+            raise ValueError(f"unknown text transform {transform!r}; known: {TRANSFORM_NAME}")
         self.sp, self.tables, self.transform = sp, tables, transform
         self.norm = normalizer() if transform else None
 
@@ -103,7 +104,7 @@ class DocEncoder:
 def tokenizer_markers(sp) -> list[str]:
     """The CaseOps markers the tokenizer has as pieces of their own."""
     found = []
-    for marker in caseops.MARKERS:
+    for marker in CASEOPS_MARKERS:
         i = sp.piece_to_id(marker)
         if i != sp.unk_id() and sp.id_to_piece(i) == marker:
             found.append(marker)
@@ -133,19 +134,19 @@ def check_transform(manifest: dict | None, sp, tokenizer_path, where) -> str | N
     markers = tokenizer_markers(sp)
     if transform:
         name, version = transform.get("name"), transform.get("version")
-        if name != caseops.NAME or version != caseops.VERSION:
+        if name != TRANSFORM_NAME or version != TRANSFORM_VERSION:
             raise SidecarError(f"{where} records text transform {name} v{version}, but this pgolf implements "
-                               f"{caseops.NAME} v{caseops.VERSION}; prepare the dataset again")
-        if len(markers) != len(caseops.MARKERS):
+                               f"{TRANSFORM_NAME} v{TRANSFORM_VERSION}; prepare the dataset again")
+        if len(markers) != len(CASEOPS_MARKERS):
             raise SidecarError(f"{where} records the {name} transform, but tokenizer {tokenizer_path} has "
-                               f"{len(markers)} of its {len(caseops.MARKERS)} marker pieces; use the tokenizer "
+                               f"{len(markers)} of its {len(CASEOPS_MARKERS)} marker pieces; use the tokenizer "
                                "the dataset was prepared with (TOKENIZER_PATH)")
         return name
     if manifest is not None and markers:
         raise SidecarError(f"tokenizer {tokenizer_path} reserves CaseOps marker pieces, but {where} records no "
                            "text transform; use the tokenizer the dataset was prepared with (TOKENIZER_PATH)")
-    if len(markers) == len(caseops.MARKERS):
-        return caseops.NAME
+    if len(markers) == len(CASEOPS_MARKERS):
+        return TRANSFORM_NAME
     return FOREIGN if private_use_pieces(sp) else None
 
 

@@ -26,11 +26,14 @@ from pgolf.averaging import EMA, SWA
 from pgolf.config import Hyperparameters, fill_run_defaults, parse_flags, preset_diff, resolve
 from pgolf.console import close_bars, progress_bar, run_command, settings_help, summary_line, wants_help
 from pgolf.data import DistributedTokenLoader, synthetic_entropy, train_pattern
-from pgolf.dist import Dist, resolve_execution, setup_dist, teardown_dist
+from pgolf.dist import Dist, setup_dist, teardown_dist
 from pgolf.eval import Evaluator, log_eval
+from pgolf.execution import apply_execution, plan_execution
 from pgolf.fileio import write_atomic
+from pgolf.flops import forward_flops_per_token, train_flops_per_token
 from pgolf.model import GPT, GPTConfig, layer_order, mark_qat, rebuild_model, set_qat_gate
 from pgolf.optim import AdamConfig, MuonConfig, build_optimizers
+from pgolf.projection import mfu, peak_flops
 from pgolf.quant import int6_weight_names, max_level, split_patterns
 from pgolf.runlog import RunLog, load_checked_data, open_run
 from pgolf.ttt import TTTSettings, evaluate_ttt
@@ -50,7 +53,7 @@ def build_evaluator(cfg: Hyperparameters, d: Dist, tokens, tables, sidecar, auto
     return Evaluator(d, tokens, tables, sidecar, autocast_dtype, seq_len=cfg.train_seq_len,
                      batch_tokens=cfg.val_batch_size, eval_seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,
                      batch_seqs=cfg.eval_batch_seqs, progress=show,
-                     ttt_fn=partial(evaluate_ttt, settings=cfg.part(TTTSettings)))
+                     ttt_fn=partial(evaluate_ttt, settings=cfg.part(TTTSettings)) if cfg.ttt_enabled else None)
 
 
 def model_settings(cfg: Hyperparameters) -> GPTConfig:
@@ -143,6 +146,12 @@ class Timer:
         return self.total_ms + (1000.0 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
 
 
+def mean_over_ranks(d: Dist, loss: torch.Tensor) -> float:
+    """The mean of a per-rank scalar over ranks; `loss` itself is left as it was (an in-place all-reduce
+    once made the progress bar show the sum over ranks)."""
+    return d.all_reduce(loss.detach().clone()).item() / d.world_size
+
+
 def agreed(d: Dist, flag: bool) -> bool:
     """True on every rank as soon as any rank says so, so that ranks switch on the same step."""
     return d.all_reduce(torch.tensor(float(flag), device=d.device), op="max").item() > 0
@@ -153,9 +162,14 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
     # 1. checks and data (before the run folder exists), run folder, log, seeds
     log = RunLog() if log is None else log
     cfg.run_id = agree_run_id(cfg, d)
-    use_compile, autocast_dtype = resolve_execution(cfg.compile, cfg.autocast, d.device)
+    work = cfg.iterations * cfg.train_batch_tokens * train_flops_per_token(model_settings(cfg), cfg.train_seq_len,
+                                                                          cfg.enable_looping_at)
+    ex = plan_execution(cfg.compile, cfg.autocast, d.device, train_flops=work)
+    apply_execution(ex, d.device)
+    use_compile, autocast_dtype = ex.compile, ex.autocast
     grad_accum = 8 // d.world_size
     data = load_checked_data(cfg, d)
+    cfg.bos_id = data.bos_id  # the tokenizer's; the model's BOS-aware parts and the artifact use it
     evaluator = build_evaluator(cfg, d, data.val_tokens, data.tables, data.sidecar, autocast_dtype)
     loader = data.loader
     run_dir = open_run(cfg, d, log, data)
@@ -168,6 +182,7 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     log(f"world_size:{d.world_size} grad_accum_steps:{grad_accum} device:{d.device} compile:{use_compile} "
         f"autocast:{autocast_dtype}")
+    log(ex.line())
     log(f"attention_mode:gqa num_heads:{cfg.num_heads} num_kv_heads:{cfg.num_kv_heads} mlp_mult:{cfg.mlp_mult} "
         f"smear_gate:{cfg.smear_gate} qat:{cfg.qat} muon_variant:{cfg.muon_variant}")
     log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr} "
@@ -187,7 +202,7 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
         compiled, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False
     ) if d.enabled else compiled
     optimizers = build_optimizers(model, cfg.part(MuonConfig), cfg.part(AdamConfig), control_patterns=control,
-                                  rank=d.rank, world_size=d.world_size)
+                                  rank=d.rank, world_size=d.world_size, ns_dtype=ex.ns_dtype, compile_ns=use_compile)
     if use_compile and cfg.warmup_steps > 0:
         compile_warmup(model, train_model, optimizers, cfg, d, grad_accum, autocast_dtype, log)
         loader = DistributedTokenLoader(train_pattern(cfg.data_path), d.rank, d.world_size, d.device, cfg.vocab_size)
@@ -201,6 +216,7 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
         log(f"gptq:reserving {cfg.gptq_reserve_seconds:.1f}s of the wallclock, training until {max_ms:.0f}ms")
     timer, step, stop_after, qat_on = Timer(d.device), 0, None, cfg.qat and cfg.qat_start_frac == 0
     bar = progress_bar(cfg.iterations) if evaluator.progress else None
+    peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
     timer.start()
     while True:
         last = step == cfg.iterations or (stop_after is not None and step >= stop_after)
@@ -236,16 +252,19 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
             if swa.count == 1:
                 log(f"swa:start step:{step} lr_mul:{lr_mul:.4f}")
         ms = timer.elapsed_ms()
+        shown = None
         if step <= 10 or step % cfg.train_log_every == 0 or step == cfg.iterations:
-            d.all_reduce(loss)  # every rank logs on the same steps; average over ranks
-            train_loss = loss.item() / d.world_size
+            train_loss = shown = mean_over_ranks(d, loss)  # every rank logs on the same steps
+            tokens_per_s = step * cfg.train_batch_tokens / max(ms / 1000, 1e-9)
+            use = mfu(3 * forward_flops_per_token(model.cfg, cfg.train_seq_len, model.looping), tokens_per_s,
+                      d.world_size, peak) if peak else None
             log(f"step:{step}/{cfg.iterations} train_loss:{train_loss:.4f} train_time:{ms:.0f}ms "
-                f"step_avg:{ms / step:.2f}ms")
+                f"step_avg:{ms / step:.2f}ms" + (f" mfu:{100 * use:.1f}%" if use else ""))
             log.metric("train", step=step, train_loss=train_loss, train_time_ms=ms, lr_mul=lr_mul,
-                       tokens_per_s=step * cfg.train_batch_tokens / max(ms / 1000, 1e-9))
+                       tokens_per_s=tokens_per_s, mfu=use)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{step * cfg.train_batch_tokens / max(ms / 1e3, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{loss.item() if shown is None else shown:.3f}", tok_s=f"{step * cfg.train_batch_tokens / max(ms / 1e3, 1e-9):.0f}")
         if max_ms > 0 and stop_after is None:
             reached = torch.tensor(float(ms >= max_ms), device=d.device)
             if d.all_reduce(reached, op="max").item() > 0:
@@ -265,7 +284,7 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
             f"ema:applied decay:{cfg.ema_decay} updates:{ema.updates}")
         pre_quant = evaluator.standard(model, hidden_fn)
         log_eval(log, "post_swa" if swa.count else "post_ema", pre_quant)
-    final = finalize(cfg, d, model, evaluator, run_dir, log, control, train_ms)
+    final = finalize(cfg, d, model, evaluator, run_dir, log, control, train_ms, use_compile)
     final.update(step_stop=step, train_time_ms=train_ms, pre_quant_val_loss=pre_quant.val_loss,
                  pre_quant_val_bpb=pre_quant.val_bpb, swa_checkpoints=swa.count,
                  model_params=sum(p.numel() for p in model.parameters()), run_dir=str(run_dir))
@@ -281,7 +300,7 @@ def calibration_batches(cfg: Hyperparameters, d: Dist):
 
 
 def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log: RunLog, control,
-             train_ms: float = 0.0) -> dict:
+             train_ms: float = 0.0, use_compile: bool = False) -> dict:
     """Write the artifact, read it back from disk into a fresh model, score it (standard + sliding)."""
     keep = split_patterns(cfg.fp16_passthrough_patterns)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -313,7 +332,7 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
     state_rt, model_cfg, _ = load_artifact(path)
     fresh = rebuild_model(state_rt, model_cfg, str(path)).to(d.device)
     name = ROUNDTRIP_LOG_NAMES[cfg.quant_format]
-    hidden_fn = torch.compile(fresh.hidden, dynamic=False) if resolve_execution(cfg.compile, cfg.autocast, d.device)[0] else None
+    hidden_fn = torch.compile(fresh.hidden, dynamic=False) if use_compile else None
     rt = evaluator.standard(fresh, hidden_fn)
     log_eval(log, name, rt)
     out = dict(val_loss=rt.val_loss, val_bpb=rt.val_bpb, roundtrip_val_loss=rt.val_loss, roundtrip_val_bpb=rt.val_bpb,

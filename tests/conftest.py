@@ -29,7 +29,7 @@ def tiny_env(data_dir, run_dir, **overrides) -> dict:
         VOCAB_SIZE="512", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="64",
         TRAIN_BATCH_TOKENS="2048", ITERATIONS="8", WARMDOWN_ITERS="3", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1",
         VAL_BATCH_SIZE="8192", WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", PROGRESS="0",
-        OMP_NUM_THREADS="1",
+        OMP_NUM_THREADS="1", COMPILE="0", AUTOCAST="off",  # explicit: the auto defaults pick bf16/compile by CPU
     )
     env.update({k: str(v) for k, v in overrides.items()})
     return env
@@ -43,8 +43,10 @@ def run_cmd(args: list[str], env: dict, cwd=None, timeout=300) -> subprocess.Com
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
-    # Tiny models run fastest on one thread, and one thread per process keeps parallel runs from thrashing.
+def _seed_and_threads(monkeypatch):
+    # Tiny models run fastest on one thread, and one thread per process keeps parallel runs from thrashing;
+    # OMP_NUM_THREADS also keeps in-process runs from choosing their own count (pgolf.execution).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -52,7 +52,7 @@ def _original_bytes(texts):
 
 def test_sidecar_sums_to_the_original_bytes_and_bos_starts_every_document(datasets):
     m = json.loads((datasets / "caseops/manifest.json").read_text())
-    assert m["transform"]["name"] == "caseops" and m["transform"]["version"] == caseops.VERSION
+    assert m["transform"]["name"] == "caseops" and m["transform"]["version"] == caseops.TRANSFORM_VERSION
     tokens = read_shard(datasets / "caseops/fineweb_val_000000.bin")
     sidecar = read_shard(datasets / "caseops/fineweb_val_bytes_000000.bin").astype(np.int64)
     assert tokens.size == sidecar.size == m["splits"]["val"]["tokens"]
@@ -65,8 +65,8 @@ def test_sidecar_sums_to_the_original_bytes_and_bos_starts_every_document(datase
     # markers are pieces of their own and cover no bytes; an escaped literal (after ESC) covers its 3 bytes
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(datasets / "caseops/tokenizer.model"))
-    marker_ids = [sp.piece_to_id(mk) for mk in caseops.MARKERS]
-    assert all(sp.id_to_piece(i) == mk for i, mk in zip(marker_ids, caseops.MARKERS))
+    marker_ids = [sp.piece_to_id(mk) for mk in caseops.CASEOPS_MARKERS]
+    assert all(sp.id_to_piece(i) == mk for i, mk in zip(marker_ids, caseops.CASEOPS_MARKERS))
     at_markers = np.isin(tokens, marker_ids)
     literal = np.zeros_like(at_markers)
     literal[1:] = at_markers[1:] & (tokens[:-1] == marker_ids[3])

@@ -84,11 +84,11 @@ def test_module_and_packed_entry_points_print_help(tmp_path):
     assert "usage: python -m pgolf.train" in out and "transformer blocks" in out
     pack.write_packed(tmp_path / "plain", {"num_layers": 3})
     pack.write_packed(tmp_path / "stub", {"num_layers": 3}, compress=True)
+    # A packed file is lean: its help lists the settings it was packed with (`pgolf train --help` has them all).
     plain = run_cmd([PYTHON, "train_gpt.py", "--help"], env=None, cwd=tmp_path / "plain").stdout
-    assert re.search(r"^  packed +the configuration this file was packed with", plain, re.M)
-    assert re.search(r"^  NUM_LAYERS=3 +transformer blocks.*\[preset packed; default 9\]$", plain, re.M)
+    assert plain.endswith("NUM_LAYERS=3\n(the rest at their defaults)\n") and plain.startswith("usage: train_gpt.py")
     stub = run_cmd([PYTHON, "train_gpt.py", "-h"], env=None, cwd=tmp_path / "stub").stdout
-    assert re.search(r"^  NUM_LAYERS=3 +\[preset packed; default 9\]$", stub, re.M)  # no source, no comments
+    assert stub == plain
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c not in ("train", "data", "eval")])

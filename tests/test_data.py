@@ -43,6 +43,16 @@ def test_bad_shards_name_the_file(tmp_path):
         write_shard(tmp_path / "big.bin", np.array([70000]))
 
 
+def test_stream_checks_the_ids_it_hands_out(tmp_path):
+    """Ids are range-checked as they are taken, naming the shard and the offset in it."""
+    write_shard(tmp_path / "s_000000.bin", np.array([1, 2, 3], dtype=np.uint16))
+    write_shard(tmp_path / "s_000001.bin", np.array([4, 9, 5], dtype=np.uint16))
+    stream = TokenStream(str(tmp_path / "s_*.bin"), vocab_size=9)
+    assert stream.take(4).tolist() == [1, 2, 3, 4]
+    with pytest.raises(ShardError, match=r"s_000001.bin: token 9 at offset 1 is >= vocab size 9"):
+        stream.take(2)
+
+
 def test_stream_reads_sorted_shards_and_wraps(tmp_path):
     write_shard(tmp_path / "s_000001.bin", np.array([3, 4, 5], dtype=np.uint16))
     write_shard(tmp_path / "s_000000.bin", np.array([1, 2], dtype=np.uint16))

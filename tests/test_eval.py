@@ -285,10 +285,11 @@ def parse_exact(out: str, name: str) -> tuple[float, float]:
     return float(fields["val_loss"]), float(fields["val_bpb"])
 
 
-def test_pgolf_eval_scores_an_artifact(tiny_data, tmp_path, capsys):
+def test_pgolf_eval_scores_an_artifact(tiny_data, tmp_path, capsys, monkeypatch):
     from pgolf.cli import main as cli_main
     from pgolf.data import load_tokens, val_pattern
 
+    monkeypatch.setenv("AUTOCAST", "off")  # fp32, to compare exactly with the in-process fp32 evaluation
     data_dir, _ = tiny_data
     art = write_tiny_artifact(tmp_path / "final_model.int8.ptz")
     argv = ["eval", str(art), "--data", str(data_dir), "--tokenizer", str(data_dir / "tokenizer.model"),
