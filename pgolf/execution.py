@@ -18,6 +18,7 @@ Rules for `auto`:
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,11 +61,24 @@ class Execution:
                 f"threads={self.threads or torch.get_num_threads()} reason:{self.why['threads']}")
 
 
+def busy_cpus(interval: float = 0.25) -> float:
+    """CPUs other processes keep busy right now (/proc/stat sampled over `interval`); the 1-minute load
+    average trails by a minute (a job that just ended still counts), so it is only the fallback."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+    try:
+        (t0, i0), _, (t1, i1) = sample(), time.sleep(interval), sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+
+
 def cpu_threads(usable: int, load: float, env: dict) -> tuple[int, str]:
     """(intra-op threads, why) for a CPU run: the usable CPUs less the busy ones, at least 1."""
     if env.get("OMP_NUM_THREADS"):
         return 0, "OMP_NUM_THREADS"
-    return max(1, usable - int(load)), f"cpus:{usable}_load:{load:.1f}"
+    return max(1, usable - round(load)), f"cpus:{usable}_busy:{load:.1f}"
 
 
 def plan_execution(compile_mode: str, autocast_mode: str, device: torch.device, *, train_flops: float = 0.0,
@@ -83,7 +97,7 @@ def plan_execution(compile_mode: str, autocast_mode: str, device: torch.device, 
     if device.type != "cpu":
         threads = (0, "default")
     elif threads is None:
-        threads = cpu_threads(len(os.sched_getaffinity(0)), os.getloadavg()[0], os.environ)
+        threads = cpu_threads(len(os.sched_getaffinity(0)), busy_cpus(), os.environ)
     return Execution(use_compile, autocast, autocast or torch.float32, threads[0],
                      {"compile": compile_why, "autocast": autocast_why, "threads": threads[1]})
 

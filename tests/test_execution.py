@@ -3,6 +3,7 @@ reasons, NCCL or gloo, fused Adam (0-dim parameters included), every tensor of a
 device, the bf16 residual stream, the mean loss shown on multi-process runs, the tokenizer's BOS, and a
 tiny run with COMPILE=1 AUTOCAST=bf16 through the compile warmup, the QAT switch and the compiled eval."""
 from __future__ import annotations
+import os
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from tests.conftest import tiny_env
 from pgolf.config import resolve
 from pgolf.dist import Dist, process_group_args
-from pgolf.execution import COMPILE_MIN_CPU_FLOPS, Execution, apply_execution, cpu_threads, plan_execution
+from pgolf.execution import COMPILE_MIN_CPU_FLOPS, Execution, apply_execution, busy_cpus, cpu_threads, plan_execution
 from pgolf.model import GPT, GPTConfig
 from pgolf.optim import fused_adam
 from pgolf.runlog import checked_bos
@@ -81,10 +82,12 @@ def test_compile_auto_on_cpu_pays_only_for_long_runs():
 
 
 def test_threads_leave_busy_cpus_alone():
-    assert cpu_threads(2, 12.3, {}) == (1, "cpus:2_load:12.3")  # shared and busy: one thread
-    assert cpu_threads(2, 0.2, {}) == (2, "cpus:2_load:0.2")  # idle: every core
+    assert cpu_threads(2, 12.3, {}) == (1, "cpus:2_busy:12.3")  # shared and busy: one thread
+    assert cpu_threads(2, 0.2, {}) == (2, "cpus:2_busy:0.2")  # idle: every core
     assert cpu_threads(8, 3.4, {})[0] == 5
     assert cpu_threads(8, 0.0, {"OMP_NUM_THREADS": "3"}) == (0, "OMP_NUM_THREADS")  # the user's choice wins
+    assert cpu_threads(2, 0.97, {})[0] == 1  # another job spinning one core: do not oversubscribe it
+    assert 0.0 <= busy_cpus(0.05) <= (os.cpu_count() or 1)
 
 
 def test_fused_adam_takes_zero_dim_parameters():
