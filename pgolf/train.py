@@ -187,13 +187,6 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
         f"smear_gate:{cfg.smear_gate} qat:{cfg.qat} muon_variant:{cfg.muon_variant}")
     log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr} "
         f"head_lr:{0.0 if cfg.tie_embeddings else cfg.head_lr} matrix_lr:{cfg.matrix_lr} scalar_lr:{cfg.scalar_lr}")
-    log(f"frontier: xsa_last_n:{cfg.xsa_last_n} rope_dims:{cfg.rope_dims} loop:{cfg.num_loops}x{cfg.loop_start}-"
-        f"{cfg.loop_end} parallel_start_layer:{cfg.parallel_start_layer} smear_gate_enabled:{cfg.smear_gate_enabled} "
-        f"sparse_attn_gate:{cfg.sparse_attn_gate_enabled} doc_mask:{cfg.doc_mask} muon_ns:{cfg.muon_ns} "
-        f"ema_decay:{cfg.ema_decay}")
-    log(f"export: matrix_quant:{cfg.matrix_quant} matrix_bits:{cfg.matrix_bits} embed_bits:{cfg.embed_bits} "
-        f"clip_sigmas:{cfg.attn_clip_sigmas}/{cfg.mlp_clip_sigmas}/{cfg.embed_clip_sigmas} lqer:{cfg.lqer_enabled} "
-        f"compressor:{cfg.compressor}")
     log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.3f}")
     log(f"seed:{cfg.seed}")
