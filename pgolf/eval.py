@@ -249,6 +249,13 @@ class Evaluator:
         self.eval_seq_len = eval_seq_len or seq_len
         self.stride, self.sliding_batch, self.progress = stride, batch_seqs, progress
 
+    @classmethod
+    def for_run(cls, cfg, d, tokens, tables, sidecar, autocast_dtype, *, progress: bool, ttt_fn=None) -> "Evaluator":
+        """The evaluator a run's settings ask for (TRAIN/EVAL_SEQ_LEN, VAL_BATCH_SIZE, EVAL_STRIDE, ...)."""
+        return cls(d, tokens, tables, sidecar, autocast_dtype, seq_len=cfg.train_seq_len,
+                   batch_tokens=cfg.val_batch_size, eval_seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,
+                   batch_seqs=cfg.eval_batch_seqs, progress=progress, ttt_fn=ttt_fn)
+
     def stream(self, mode: str) -> tuple[np.ndarray, np.ndarray | None]:
         """The tokens (and byte sidecar) an evaluation mode scores: only standard drops the partial block."""
         return (self.std_tokens, self.std_sidecar) if mode == "standard" else (self.tokens, self.sidecar)

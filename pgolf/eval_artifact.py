@@ -139,10 +139,8 @@ def build_evaluator(cfg: Hyperparameters, origin: dict, d, log, autocast_dtype, 
     for name in ("data_path", "tokenizer_path"):
         log(f"{name}:{getattr(cfg, name)} from:{origin.get(name, 'default')}")
     tokens, tables, sidecar = load_validation(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, cfg.val_max_tokens, log)
-    return Evaluator(d, tokens, tables, sidecar, autocast_dtype, seq_len=cfg.train_seq_len,
-                     batch_tokens=cfg.val_batch_size, eval_seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,
-                     batch_seqs=cfg.eval_batch_seqs, progress=progress,
-                     ttt_fn=partial(evaluate_ttt, settings=cfg.part(TTTSettings)))
+    return Evaluator.for_run(cfg, d, tokens, tables, sidecar, autocast_dtype, progress=progress,
+                             ttt_fn=partial(evaluate_ttt, settings=cfg.part(TTTSettings)))
 
 
 def main(argv: list[str]) -> int:

@@ -50,10 +50,8 @@ def agree_run_id(cfg: Hyperparameters, d: Dist) -> str:
 
 def build_evaluator(cfg: Hyperparameters, d: Dist, tokens, tables, sidecar, autocast_dtype) -> Evaluator:
     show = cfg.progress == "1" or (cfg.progress == "auto" and sys.stdout.isatty() and d.is_main)
-    return Evaluator(d, tokens, tables, sidecar, autocast_dtype, seq_len=cfg.train_seq_len,
-                     batch_tokens=cfg.val_batch_size, eval_seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,
-                     batch_seqs=cfg.eval_batch_seqs, progress=show,
-                     ttt_fn=partial(evaluate_ttt, settings=cfg.part(TTTSettings)) if cfg.ttt_enabled else None)
+    return Evaluator.for_run(cfg, d, tokens, tables, sidecar, autocast_dtype, progress=show,
+                             ttt_fn=partial(evaluate_ttt, settings=cfg.part(TTTSettings)) if cfg.ttt_enabled else None)
 
 
 def model_settings(cfg: Hyperparameters) -> GPTConfig:
