@@ -241,6 +241,7 @@ def rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
 
         r = run_rank_case(rank, world_size, reduce)
         torch.save({"result": dataclasses.asdict(r), "local": local["sums"]}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # a rank that tears down while its peer still talks aborts the peer (gloo)
     finally:
         dist.destroy_process_group()
 

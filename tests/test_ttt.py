@@ -117,6 +117,7 @@ def rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         r = evaluate_ttt(frontier_model(), RANK_TOKENS, random_tables(V), settings=RANK_SETTINGS,
                          d=Recording(rank=rank, world_size=world_size))
         torch.save({"result": dataclasses.asdict(r), "local": local["sums"]}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # a rank that tears down while its peer still talks aborts the peer (gloo)
     finally:
         dist.destroy_process_group()
 
