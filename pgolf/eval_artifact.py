@@ -21,7 +21,7 @@ import torch
 from pgolf.artifact import ROUNDTRIP_LOG_NAMES, load_artifact
 from pgolf.config import FIELD_TYPES, Hyperparameters, fill_run_defaults, resolve_traced
 from pgolf.dist import setup_dist, teardown_dist
-from pgolf.execution import apply_execution, plan_execution
+from pgolf.execution import apply_execution, attach_attention_kernel, plan_execution
 from pgolf.eval import CONTEXT_EXTENSIONS, Evaluator, beyond_context, load_sentencepiece, load_validation, log_eval
 from pgolf.model import GPT, rebuild_model
 from pgolf.ttt import TTTSettings, evaluate_ttt
@@ -160,6 +160,7 @@ def main(argv: list[str]) -> int:
         if warning:
             log(warning)
         model = model.to(d.device)
+        attach_attention_kernel(model, d.device)
         hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else None
         log(f"world_size:{d.world_size} device:{d.device} compile:{use_compile} autocast:{autocast_dtype}")
         log(ex.line())

@@ -14,9 +14,12 @@ Rules for `auto`:
   1-minute load average), at least 1. Two intra-op threads on two cores that other processes keep
   busy were measured 5.6x slower than one; on an idle machine all cores help. OMP_NUM_THREADS, when
   set, wins. CUDA runs keep torch's default.
+- document masking (DOC_MASK): FlashAttention's variable-length kernel on CUDA when it is installed
+  (FlashAttention 3's flash_attn_interface first, then flash_attn 2), else SDPA with a block mask.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -114,3 +117,28 @@ def apply_execution(ex: Execution, device: torch.device) -> None:
         torch.backends.cuda.enable_flash_sdp(True)
         torch.backends.cuda.enable_mem_efficient_sdp(True)
         torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+VARLEN_MODULES = ("flash_attn_interface", "flash_attn")  # FlashAttention 3, then 2
+
+
+def flash_varlen_kernel(device: torch.device):
+    if device.type != "cuda":
+        return None
+    for name in VARLEN_MODULES:
+        try:
+            return importlib.import_module(name).flash_attn_varlen_func
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def attach_attention_kernel(model, device: torch.device) -> str:
+    """Document masking through FlashAttention's varlen kernel where there is one; the choice, for the log."""
+    if not model.cfg.doc_mask:
+        return "causal"
+    kernel = flash_varlen_kernel(device)
+    if kernel is None:
+        return "sdpa_block_mask"
+    model.use_varlen_kernel(kernel)
+    return f"flash_varlen:{kernel.__module__}"

@@ -88,6 +88,10 @@ def document_segments(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
     return torch.cumsum((input_ids == bos_id).to(torch.int32), dim=-1)
 
 
+def no_documents(input_ids: torch.Tensor) -> None:
+    return None
+
+
 def causal_attention(q, k, v, segments=None):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
 
@@ -98,6 +102,23 @@ def document_attention(q, k, v, segments):
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     same_doc = segments[:, None, :, None] == segments[:, None, None, :]  # (B, 1, T, T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=same_doc & causal, enable_gqa=q.size(1) != k.size(1))
+
+
+def varlen_boundaries(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """cu_seqlens of the flattened (B*T) batch: every row start and every BOS, then B*T. Rows split documents
+    as document_segments does."""
+    starts = input_ids == bos_id
+    starts[:, 0] = True
+    return F.pad(torch.nonzero(starts.flatten()).flatten(), (0, 1), value=starts.numel()).to(torch.int32)
+
+
+def varlen_attention(q, k, v, cu_seqlens, kernel):
+    """document_attention through a variable-length kernel (flash_attn_varlen_func), which skips masked blocks."""
+    B, H, T, D = q.shape
+    flat = lambda t: t.transpose(1, 2).reshape(B * T, t.size(1), D)  # noqa: E731
+    y = kernel(flat(q), flat(k), flat(v), cu_seqlens, cu_seqlens, T, T, causal=True)
+    y = y[0] if isinstance(y, tuple) else y  # some FlashAttention 3 builds also return the log-sum-exp
+    return y.view(B, T, H, D).transpose(1, 2)
 
 
 # ---- attention output transforms ---------------------------------------------------------------------

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from pgolf.layers import (CastedLinear, LeakyReLUSquared, Rotary, SmearGate, SmearGateAdd, SparseAttnGate,
                           apply_rotary, causal_attention, document_attention, document_segments,
-                          exclude_own_value, keep, no_gate, no_mixer, rms_norm, to_autocast_dtype)
+                          exclude_own_value, keep, no_documents, no_gate, no_mixer, rms_norm, to_autocast_dtype,
+                          varlen_attention, varlen_boundaries)
 from pgolf.loss import chunked_softcap_ce, plain_softcap_ce, softcap_logits
 
 
@@ -228,6 +229,8 @@ class GPT(nn.Module):
         else:
             self.smear = no_mixer
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        # what the attention cores read to keep documents apart (segment ids for SDPA's block mask)
+        self.document_layout = partial(document_segments, bos_id=cfg.bos_id) if cfg.doc_mask else no_documents
         self.looping = False  # depth recurrence switches on during training (set_looping); a compiled
         # forward guards on this attribute and recompiles once when it flips
         widest = layer_order(cfg, looping=True)  # U-Net skips are sized for the looped order (as the record)
@@ -254,11 +257,18 @@ class GPT(nn.Module):
     def set_looping(self, on: bool) -> None:
         self.looping = bool(on and self.cfg.num_loops)
 
+    def use_varlen_kernel(self, kernel) -> None:
+        """The same document masking through a varlen kernel (call with DOC_MASK): the layout becomes
+        cu_seqlens, built inside the compiled graph (a data-dependent size, one device sync per forward)."""
+        self.document_layout = partial(varlen_boundaries, bos_id=self.cfg.bos_id)
+        for block in self.blocks:
+            block.attn.core = partial(varlen_attention, kernel=kernel)
+
     def hidden(self, input_ids: torch.Tensor, adapters=None) -> torch.Tensor:
         """Final-normed hidden states [B, T, D]. `adapters` (test-time training) gives each executed block
         slot k (its position in the layer order, so a repeated layer gets one per pass) an adapter
         through adapters.slot(k), with q/k/v/o/mlp deltas."""
-        segments = document_segments(input_ids, self.cfg.bos_id) if self.cfg.doc_mask else None
+        segments = self.document_layout(input_ids)
         x = x0 = rms_norm(self.smear(to_autocast_dtype(self.tok_emb(input_ids)), input_ids))
         order = layer_order(self.cfg, self.looping)
         encoder, decoder = order[:len(order) // 2], order[len(order) // 2:]

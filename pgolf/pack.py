@@ -34,7 +34,8 @@ OPTIONAL_PARTS = [
     ("qat", True, {"mark_qat", "fake_quantize"}),
     ("smear_gate", True, {"SmearGate"}),
     ("smear_gate_enabled", True, {"SmearGateAdd"}),
-    ("doc_mask", True, {"document_attention", "document_segments"}),
+    ("doc_mask", True, {"document_attention", "document_segments", "varlen_attention", "varlen_boundaries",
+                          "flash_varlen_kernel", "VARLEN_MODULES"}),
     ("xsa_last_n", True, {"exclude_own_value"}),
     ("sparse_attn_gate_enabled", True, {"SparseAttnGate"}),
     ("parallel_start_layer", True, {"ParallelLanes"}),
@@ -164,12 +165,12 @@ def packed_source(defaults: dict | None = None, lean: bool = True) -> str:
 
 # ---- the counted form: minified, lzma, base85, in a self-extracting stub ----
 
-# The payload sits on its own line so a traceback through the exec line stays one short line.
-# The stub holds the compressed bytes as a latin-1 string literal (PEP 263 coding line): every byte is one
-# character, and only NUL, CR, LF, backslash and the quote need escapes (~3%), where base85 costs 25%.
-STUB_TEMPLATE = (b'# -*- coding: latin-1 -*-\nimport lzma\n_packed="%s"\n'
+# The exec line is the last line, so a traceback through it stays one short line.
+# The stub holds the compressed bytes as a triple-quoted latin-1 string literal (PEP 263 coding line):
+# every byte is one character, and only NUL, CR, backslash and some quotes need escapes (~1.5%), where
+# base85 costs 25%.
+STUB_TEMPLATE = (b'# -*- coding: latin-1 -*-\nimport lzma\n_packed="""%s"""\n'
                  b'exec(lzma.decompress(_packed.encode("latin-1")))\n')
-_LITERAL_ESCAPES = {0: b"\\x00", 10: b"\\n", 13: b"\\r", 34: b'\\"', 92: b"\\\\"}
 READABLE_NAME = "train_gpt_readable.py"  # the readable twin shipped beside a compressed train_gpt.py
 
 
@@ -251,8 +252,19 @@ LZMA_FILTERS = [{"id": lzma.FILTER_LZMA1, "preset": 9 | lzma.PRESET_EXTREME, "lc
 
 
 def latin1_literal(data: bytes) -> bytes:
-    """`data` as the body of a double-quoted str literal in a latin-1 source file."""
-    return b"".join(_LITERAL_ESCAPES.get(b, bytes((b,))) for b in data)
+    """`data` as the body of a triple-quoted str literal in a latin-1 source file. Escaped: backslash; CR
+    (reading the source would turn it into LF); NUL (not allowed in source: \\0, or \\x00 before an octal
+    digit); a quote followed by a quote or ending the data (it could close the literal)."""
+    out = bytearray()
+    for i, b in enumerate(data):
+        after = data[i + 1:i + 2]
+        if b == 0:
+            out += b"\\x00" if after in b"01234567" else b"\\0"
+        elif b in b"\\\r" or (b == 34 and after in (b'"', b"")):
+            out += b"\\r" if b == 13 else b"\\" + bytes((b,))
+        else:
+            out.append(b)
+    return bytes(out)
 
 
 def compressed_stub(source: str) -> bytes:

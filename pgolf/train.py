@@ -28,7 +28,7 @@ from pgolf.console import close_bars, progress_bar, run_command, settings_help, 
 from pgolf.data import DistributedTokenLoader, synthetic_entropy, train_pattern
 from pgolf.dist import Dist, setup_dist, teardown_dist
 from pgolf.eval import Evaluator, log_eval
-from pgolf.execution import apply_execution, plan_execution
+from pgolf.execution import apply_execution, attach_attention_kernel, plan_execution
 from pgolf.fileio import write_atomic
 from pgolf.flops import forward_flops_per_token, train_flops_per_token
 from pgolf.model import GPT, GPTConfig, layer_order, mark_qat, rebuild_model, set_qat_gate
@@ -176,13 +176,14 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
 
     # 2. model, compile, DDP, optimizers
     model = build_model(cfg, d.device)
+    attention_kernel = attach_attention_kernel(model, d.device)
     control = split_patterns(cfg.control_tensor_name_patterns)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     log(f"world_size:{d.world_size} grad_accum_steps:{grad_accum} device:{d.device} compile:{use_compile} "
         f"autocast:{autocast_dtype}")
     log(ex.line())
     log(f"attention_mode:gqa num_heads:{cfg.num_heads} num_kv_heads:{cfg.num_kv_heads} mlp_mult:{cfg.mlp_mult} "
-        f"smear_gate:{cfg.smear_gate} qat:{cfg.qat} muon_variant:{cfg.muon_variant}")
+        f"smear_gate:{cfg.smear_gate} qat:{cfg.qat} muon_variant:{cfg.muon_variant} attention_kernel:{attention_kernel}")
     log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr} "
         f"head_lr:{0.0 if cfg.tie_embeddings else cfg.head_lr} matrix_lr:{cfg.matrix_lr} scalar_lr:{cfg.scalar_lr}")
     log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
@@ -322,6 +323,7 @@ def finalize(cfg, d: Dist, model: GPT, evaluator: Evaluator, run_dir: Path, log:
         log(f"WARNING: artifact + code = {total} bytes exceeds the 16,000,000-byte limit; this run cannot be submitted")
     state_rt, model_cfg, _ = load_artifact(path)
     fresh = rebuild_model(state_rt, model_cfg, str(path)).to(d.device)
+    attach_attention_kernel(fresh, d.device)
     name = ROUNDTRIP_LOG_NAMES[cfg.quant_format]
     hidden_fn = torch.compile(fresh.hidden, dynamic=False) if use_compile else None
     rt = evaluator.standard(fresh, hidden_fn)
