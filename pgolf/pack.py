@@ -7,7 +7,7 @@ reaches is kept, parts the configuration does not use (GPTQ, LQER, the per-group
 out, and each import appears once; the packed file refuses a setting that would need a left-out part.
 
 `--compress` ships the counted form instead: the source minified (syntax tree checked unchanged),
-lzma-compressed and base85-encoded in a three-line stub that execs it; the readable source goes
+lzma-compressed and held in a latin-1 string literal by a four-line stub that execs it; the readable source goes
 beside it. Either way the running file counts its own bytes as the code size.
 """
 from __future__ import annotations
@@ -163,7 +163,7 @@ def packed_source(defaults: dict | None = None, lean: bool = True) -> str:
     return source[:main_at].rstrip("\n") + _packed_config(defaults, left_out) + "\n" + source[main_at:]
 
 
-# ---- the counted form: minified, lzma, base85, in a self-extracting stub ----
+# ---- the counted form: minified, lzma, a latin-1 literal, in a self-extracting stub ----
 
 # The exec line is the last line, so a traceback through it stays one short line.
 # The stub holds the compressed bytes as a triple-quoted latin-1 string literal (PEP 263 coding line):
@@ -307,7 +307,7 @@ def pack_command(argv: list[str]) -> int:
     parser = command_parser("pgolf pack", __doc__, settings=True)
     parser.add_argument("--out", required=True, help="folder for train_gpt.py, e.g. records/<date>_<slug>/")
     parser.add_argument("--compress", action="store_true",
-                        help=f"train_gpt.py becomes the minified lzma+base85 stub (readable copy: {READABLE_NAME})")
+                        help=f"train_gpt.py becomes the minified lzma stub (readable copy: {READABLE_NAME})")
     parser.add_argument("--force", action="store_true", help="overwrite an existing train_gpt.py")
     args, flags = parse_with_settings(parser, argv)
     # Only the preset and the settings given shape the defaults: the shell's env vars must not leak into the file.

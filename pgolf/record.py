@@ -270,7 +270,7 @@ def record_command(argv: list[str]) -> int:
     logs = log_names(runs)
     shipped_from = (f"copied from `{args.code}`." if args.code else
                     "packed by `pgolf record` from the runs' configuration"
-                    + (" (minified, lzma, base85; the readable source is `train_gpt_readable.py`)." if args.compress
+                    + (" (minified, lzma, a latin-1 literal; the readable source is `train_gpt_readable.py`)." if args.compress
                        else "."))
     with new_folder(args.out) as tmp:
         for name, data in code.items():

@@ -21,7 +21,7 @@ from pgolf.runs import load_run
 # lowered by the lean pack (only what the preset runs, each import once, no unused annotations in the
 # stub) and by the stub's latin-1 literal (base85 cost 25%). Raise them deliberately, not by accident.
 BASELINE_PACKED_CEILING = 141_000  # 138,436 when set (159,371 before the lean pack)
-BASELINE_STUB_CEILING = 27_500  # 26,785 when set (38,784 before the lean pack, 31,328 with base85)
+BASELINE_STUB_CEILING = 27_500  # 26,579 now (38,784 before the lean pack, 31,328 with base85)
 FRONTIER_STUB_CEILING = 31_999  # must stay under the 1.0611 record's own code bytes (31,829 when set)
 
 
