@@ -189,6 +189,8 @@ def train(cfg: Hyperparameters, d: Dist, log: RunLog | None = None) -> dict:
     log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.3f}")
     log(f"seed:{cfg.seed}")
+    if use_compile:  # graphs of earlier runs in this process would count against dynamo's recompile limit
+        torch._dynamo.reset()
     compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
     train_model = torch.nn.parallel.DistributedDataParallel(
         compiled, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False
