@@ -145,3 +145,17 @@ def test_unknown_flag_is_rejected_by_the_cli(tiny_data, tmp_path):
     proc = subprocess.run([PYTHON, "-m", "pgolf.cli", "train", "--num_layerz=3"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "unknown setting --num_layerz" in proc.stderr
+
+
+@pytest.mark.slow
+def test_compiled_runs_in_one_process_do_not_share_a_recompile_budget(tiny_data, tmp_path, monkeypatch):
+    """A sweep (the ablation) calls run() with other settings in one process; without a reset each new
+    model shape is a recompile of the same forward, and past dynamo's recompile limit (8) that is fatal
+    under fullgraph (here the limit is 1)."""
+    import torch
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    data_dir, _ = tiny_data
+    for i, mult in enumerate((2, 3)):
+        final = run(tiny_cfg(data_dir, tmp_path, COMPILE=1, ITERATIONS=2, MLP_MULT=mult, RUN_ID=f"sweep{i}"))
+        assert final["step_stop"] == 2
