@@ -4,9 +4,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from pgolf.synth import write_synthetic_dataset
 
@@ -40,6 +42,19 @@ def run_cmd(args: list[str], env: dict, cwd=None, timeout=300) -> subprocess.Com
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@contextmanager
+def gloo_rank(rank: int, world_size: int, init_file: str):
+    """One rank of a CPU process group, for a worker spawned by a test. A clean exit waits for every rank
+    before tearing down: a rank that tears down while its peer still talks aborts the peer (gloo)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from pgolf.dist import Dist
 from pgolf.eval import (ByteTables, Evaluator, beyond_context, byte_tables, evaluate, load_sentencepiece,
                         load_validation, window_plan)
 from pgolf.model import GPT, GPTConfig
+from tests.conftest import gloo_rank
 
 VOCAB = 64
 
@@ -230,9 +231,7 @@ RANK_CASE = dict(num_tokens=203, seq_len=24, stride=5, batch_seqs=4)
 
 
 def rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with gloo_rank(rank, world_size, init_file):
         local = {}
 
         def reduce(t):
@@ -241,9 +240,6 @@ def rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
 
         r = run_rank_case(rank, world_size, reduce)
         torch.save({"result": dataclasses.asdict(r), "local": local["sums"]}, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()  # a rank that tears down while its peer still talks aborts the peer (gloo)
-    finally:
-        dist.destroy_process_group()
 
 
 def run_rank_case(rank: int, world_size: int, all_reduce):

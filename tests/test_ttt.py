@@ -7,7 +7,6 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pgolf.ttt as ttt
@@ -18,6 +17,7 @@ from pgolf.eval import byte_tables, load_sentencepiece
 from pgolf.model import GPTConfig
 from pgolf.ttt import TTTSettings, evaluate_ttt, find_documents
 from pgolf.ttt_cost import check_cap, ttt_flops
+from tests.conftest import gloo_rank
 from tests.test_eval import random_tables
 from tests.test_frontier import ALL_ON, TINY, randomized
 
@@ -103,9 +103,7 @@ def test_each_document_starts_from_fresh_adapters():
 
 
 def rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with gloo_rank(rank, world_size, init_file):
         local = {}
 
         class Recording(Dist):
@@ -117,9 +115,6 @@ def rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         r = evaluate_ttt(frontier_model(), RANK_TOKENS, random_tables(V), settings=RANK_SETTINGS,
                          d=Recording(rank=rank, world_size=world_size))
         torch.save({"result": dataclasses.asdict(r), "local": local["sums"]}, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()  # a rank that tears down while its peer still talks aborts the peer (gloo)
-    finally:
-        dist.destroy_process_group()
 
 
 RANK_TOKENS = stream([40, 29, 51, 33, 60, 45, 22, 38], seed=2)
